@@ -1,0 +1,19 @@
+"""Self-supervised nuclei segmentation with attention (Sahasrabudhe et al., MICCAI 2020).
+
+Modules
+-------
+networks    attention network F, percentile sigmoid, the F+G scale model
+losses      scale, smoothness and equivariance losses
+transforms  dihedral group, Reinhard colour transfer, HED jitter (array + dict pairs)
+data        prepared-layout reading, multi-magnification datasets, balanced batch sampler
+monuseg     MoNuSeg download and XML-to-label conversion
+engine      the training iteration run by MONAI's SupervisedTrainer
+handlers    Ignite handlers: TensorBoard attention maps, model export
+"""
+
+from custom import data, engine, handlers, losses, networks, transforms  # noqa: E402  (config expressions use custom.<module>)
+
+try:  # written alongside; optional until present
+    from custom import monuseg  # noqa: E402
+except ImportError:  # pragma: no cover
+    pass

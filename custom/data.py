@@ -1,0 +1,259 @@
+"""Data: the prepared dataset layout, multi-magnification tiles, balanced batches.
+
+Prepared layout (what every dataset of the project is converted to)::
+
+    dataset_dir/images/<id>.png   RGB H&E at the base magnification (40x for MoNuSeg)
+    dataset_dir/labels/<id>.png   uint16 instance maps (never read for training)
+    dataset_dir/splits.json       optional {"train": [ids], "val": [ids], ...}
+
+Images are kept as uint8 ``(3, H, W)``; the tile transforms turn them into float.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage.transform import resize
+from torch.utils.data import Dataset, Sampler
+
+from custom.transforms import reinhard_stats
+
+__all__ = [
+    "list_ids",
+    "load_rgb",
+    "downsample",
+    "MultiMagnificationDataset",
+    "BalancedMagnificationBatchSampler",
+    "reinhard_target",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def list_ids(dataset_dir: str | Path, split: str | None = None, ids: Sequence[str] | None = None) -> list[str]:
+    """Image ids of a prepared dataset.
+
+    Args:
+        dataset_dir: folder with ``images/*.png``.
+        split: a key of ``splits.json`` ("train", "val", ...); None: every image.
+        ids: explicit ids (overrides ``split``).
+
+    Without ``splits.json`` a split cannot be chosen: pass ``split=None`` for every image.
+
+    Raises:
+        FileNotFoundError / ValueError naming the folder, split or ids that are wrong.
+    """
+    root = Path(dataset_dir)
+    image_dir = root / "images"
+    available = sorted(p.stem for p in image_dir.glob("*.png"))
+    if not available:
+        raise FileNotFoundError(
+            f"{image_dir}: no images (*.png). Point --dataset_dir at a prepared dataset "
+            "(images/*.png, labels/*.png, optional splits.json)."
+        )
+    if ids is None and split is not None:
+        split_file = root / "splits.json"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{split_file}: not found, but split={split!r} was asked for. Pass split=None to use every image.")
+        try:
+            splits = json.loads(split_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{split_file}: not valid JSON ({e}).") from e
+        if split not in splits:
+            raise ValueError(f"{split_file}: no split {split!r}; it has {sorted(splits)}.")
+        ids = splits[split]
+    if ids is None:
+        return available
+    missing = sorted(set(ids) - set(available))
+    if missing:
+        raise ValueError(f"{image_dir}: {len(missing)} requested ids have no image, e.g. {missing[:3]}.")
+    if len(ids) == 0:
+        raise ValueError(f"{root}: the requested id list (split={split!r}) is empty.")
+    return list(ids)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 ``(H, W, 3)`` (alpha dropped, grayscale expanded)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read as an image ({e}).") from e
+
+
+def downsample(image: np.ndarray, factor: float) -> np.ndarray:
+    """Antialiased downsampling (Gaussian prefilter, then bilinear) of a uint8 image.
+
+    Args:
+        image: ``(C, H, W)`` uint8.
+        factor: >= 1; the output is ``(C, round(H / factor), round(W / factor))`` uint8.
+    """
+    if factor < 1:
+        raise ValueError(f"downsample factor must be >= 1, got {factor}.")
+    if factor == 1:
+        return image
+    c, h, w = image.shape
+    out = resize(image, (c, round(h / factor), round(w / factor)), order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+class MultiMagnificationDataset(Dataset):
+    """Tiles of a set of images at several magnifications, labelled by magnification.
+
+    Every image at ``base_magnification`` yields one view per entry of
+    ``magnifications`` by antialiased downsampling (40x -> 20x by 2, 10x by 4).
+    Item ``i`` is view ``(magnification i // n_images, image i % n_images)``.
+
+    Without ``fixed_crops`` an item is the whole view and the transform crops it
+    (random crops, training). With ``fixed_crops=k`` each view gives ``k`` crops of
+    ``crop_size`` at positions drawn once from ``seed`` (validation: the same tiles
+    every epoch), and ``len = n_images * n_magnifications * k``.
+
+    Args:
+        dataset_dir: prepared dataset folder.
+        ids: image ids to use (labels are never read).
+        magnifications: e.g. (10, 20, 40); class index = position in this list.
+        base_magnification: magnification of the stored images.
+        transform: applied to ``{"image": uint8 (3, h, w), "label": int, "id", "magnification"}``.
+        fixed_crops: None (whole views) or the number of fixed crops per view.
+        crop_size: size of the fixed crops in pixels.
+        seed: seed of the fixed crop positions.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        ids: Sequence[str],
+        magnifications: Sequence[float] = (10, 20, 40),
+        base_magnification: float = 40,
+        transform: Callable | None = None,
+        fixed_crops: int | None = None,
+        crop_size: int = 160,
+        seed: int = 0,
+    ):
+        if not magnifications:
+            raise ValueError("magnifications is empty.")
+        bad = [m for m in magnifications if not 0 < m <= base_magnification]
+        if bad:
+            raise ValueError(f"magnifications {bad} cannot be made from base magnification {base_magnification}x (only equal or lower).")
+        self.ids = list(ids)
+        self.magnifications = [float(m) for m in magnifications]
+        self.transform = transform
+        self.base_images: list[np.ndarray] = []  # (H, W, 3) uint8 at the base magnification
+        self.views: list[list[np.ndarray]] = []  # views[m][i]: (3, h, w) uint8
+        for image_id in self.ids:
+            self.base_images.append(load_rgb(Path(dataset_dir) / "images" / f"{image_id}.png"))
+        for m in self.magnifications:
+            chw = [np.ascontiguousarray(np.moveaxis(img, -1, 0)) for img in self.base_images]
+            self.views.append([downsample(img, base_magnification / m) for img in chw])
+        self.crops: list[tuple[int, int, int, int]] | None = None
+        if fixed_crops is not None:
+            rng = np.random.default_rng(seed)
+            self.crops = []
+            # ordered image by image, magnifications interleaved, so any batch mixes magnifications
+            for ii in range(self.num_images):
+                for _ in range(int(fixed_crops)):
+                    for mi, views in enumerate(self.views):
+                        h, w = views[ii].shape[1:]
+                        if h < crop_size or w < crop_size:
+                            raise ValueError(
+                                f"image {self.ids[ii]} at {self.magnifications[mi]:g}x is {h}x{w}, smaller than crop_size {crop_size}."
+                            )
+                        y, x = int(rng.integers(0, h - crop_size + 1)), int(rng.integers(0, w - crop_size + 1))
+                        self.crops.append((mi, ii, y, x))
+            self.crop_size = int(crop_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.crops) if self.crops is not None else self.num_images * len(self.magnifications)
+
+    def __getitem__(self, index: int) -> dict:
+        if self.crops is not None:
+            mi, ii, y, x = self.crops[index]
+            image = self.views[mi][ii][:, y : y + self.crop_size, x : x + self.crop_size]
+        else:
+            mi, ii = divmod(int(index), self.num_images)
+            image = self.views[mi][ii]
+        item = {"image": image, "label": mi, "id": self.ids[ii], "magnification": self.magnifications[mi]}
+        return self.transform(item) if self.transform is not None else item
+
+
+class BalancedMagnificationBatchSampler(Sampler):
+    """Batches with the same number of tiles per magnification (paper 4.2).
+
+    With ``batch_size`` a multiple of the number of magnifications every batch is
+    exactly balanced; otherwise counts differ by at most one and the classes that
+    get the extra tile rotate, so every run of ``n_magnifications`` consecutive
+    batches is exactly balanced. Within a magnification, images are drawn without
+    replacement from a reshuffled list (every image once before any repeats).
+
+    Indices follow :class:`MultiMagnificationDataset`: ``magnification * num_images + image``.
+
+    Args:
+        num_images: images per magnification.
+        num_magnifications: number of classes.
+        batch_size: tiles per batch.
+        num_batches: batches per epoch (paper: 100 iterations).
+        seed: the epoch-``e`` order is drawn from ``(seed, e)``, so it is reproducible.
+    """
+
+    def __init__(self, num_images: int, num_magnifications: int, batch_size: int, num_batches: int, seed: int = 0):
+        if num_images < 1 or num_magnifications < 1 or batch_size < 1 or num_batches < 1:
+            raise ValueError(
+                "BalancedMagnificationBatchSampler needs positive num_images, num_magnifications, batch_size, num_batches; "
+                f"got {num_images}, {num_magnifications}, {batch_size}, {num_batches}."
+            )
+        self.num_images, self.num_magnifications = int(num_images), int(num_magnifications)
+        self.batch_size, self.num_batches, self.seed = int(batch_size), int(num_batches), int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def class_counts(self, batch_index: int) -> list[int]:
+        """Tiles per magnification in global batch ``batch_index``."""
+        base, extra = divmod(self.batch_size, self.num_magnifications)
+        counts = [base] * self.num_magnifications
+        for j in range(extra):
+            counts[(batch_index * extra + j) % self.num_magnifications] += 1
+        return counts
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        pools: list[list[int]] = [[] for _ in range(self.num_magnifications)]
+        for b in range(self.num_batches):
+            batch = []
+            for m, count in enumerate(self.class_counts(self.epoch * self.num_batches + b)):
+                for _ in range(count):
+                    if not pools[m]:
+                        pools[m] = rng.permutation(self.num_images).tolist()
+                    batch.append(m * self.num_images + pools[m].pop())
+            batch = [batch[i] for i in rng.permutation(len(batch))]
+            yield batch
+        self.epoch += 1
+
+
+def reinhard_target(
+    images: Sequence[np.ndarray], reference: str | Path | None = None, brightness_percentile: float | None = 90.0
+) -> tuple[list, list]:
+    """Reinhard colour-transfer target: LAB (means, stds) of one reference image file, or,
+    when ``reference`` is None, the mean statistics of ``images`` ((H, W, 3) uint8 each)."""
+    if reference:
+        return reinhard_stats([load_rgb(reference)], brightness_percentile)
+    return reinhard_stats(images, brightness_percentile)
+

@@ -1,0 +1,63 @@
+"""The training iteration that MONAI's ``SupervisedTrainer`` runs (``iteration_update``).
+
+The default MONAI iteration computes one loss from ``(pred, label)``; this method
+needs the model's dict of outputs (scale logits, attention, equivariance target)
+and reports each loss term, tau and the batch's scale accuracy, so the engine
+gets this callable instead. Everything else (events, handlers, checkpoints,
+DDP, validation) stays the engine's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+__all__ = ["ScaleAttentionIteration"]
+
+
+class ScaleAttentionIteration:
+    """One optimisation step of F and G on a batch of magnification-labelled tiles.
+
+    ``engine.network`` is a :class:`custom.networks.ScaleAttentionModel` (possibly
+    DDP-wrapped), ``engine.loss_function`` a :class:`custom.losses.ScaleAttentionLoss`.
+
+    Returns (and stores in ``engine.state.output``) a dict: ``image``, ``label``,
+    ``pred`` (scale logits), ``attention``, ``loss`` (float) and each loss term,
+    ``tau`` and ``accuracy`` (floats).
+
+    Raises:
+        FloatingPointError: when the loss is NaN or infinite; the message names the
+            iteration and the terms. Nothing is stepped with it.
+    """
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("ScaleAttentionIteration: the data loader returned an empty batch.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+
+        outputs = engine.network(inputs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        losses = engine.loss_function(outputs, targets)
+        total = losses["loss"]
+        if not torch.isfinite(total):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise FloatingPointError(f"non-finite training loss at iteration {engine.state.iteration}: {terms}.")
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        total.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+        logits = outputs["scale_logits"].detach()
+        report = {k: float(v.detach()) for k, v in losses.items()}
+        report["accuracy"] = float((logits.argmax(1) == targets.view(-1)).float().mean())
+        report["tau"] = float(outputs["tau"]) if "tau" in outputs else math.nan
+        engine.state.output.update({Keys.PRED: logits, "attention": outputs["attention"].detach(), **report})
+        return engine.state.output

@@ -1,0 +1,261 @@
+"""Networks: the attention network F, its percentile sigmoid, and the F+G scale model.
+
+Shapes: images ``(B, C, H, W)`` (ImageNet-normalised RGB for C=3); attention
+logits and maps ``(B, 1, H, W)``; scale logits ``(B, num_magnifications)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import resnet34
+
+from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
+
+__all__ = [
+    "PercentileSigmoid",
+    "DilatedResidualBlock",
+    "AttentionNet",
+    "scale_classifier",
+    "ScaleAttentionModel",
+    "autocast_context",
+]
+
+PAPER_DILATIONS = (1, 2, 3, 5, 10, 20)
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device | str, amp_dtype: str | None):
+    """Mixed-precision context for ``device`` ("cpu" or "cuda").
+
+    Args:
+        device: where the computation runs.
+        amp_dtype: "bfloat16"/"bf16", "float16"/"fp16", or None / "float32" for full precision.
+    """
+    if amp_dtype is None or str(amp_dtype).lower() in ("float32", "fp32", "none", ""):
+        return contextlib.nullcontext()
+    key = str(amp_dtype).lower()
+    if key not in _DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(_DTYPES)} or None, got {amp_dtype!r}.")
+    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[key])
+
+
+class PercentileSigmoid(nn.Module):
+    """The paper's compressed, biased sigmoid ``A = sigmoid(r (a - tau))`` (eq. 1).
+
+    In training, ``tau`` is the batch mean of each image's ``(100 - eta)``-th
+    percentile of its logits (the value its top ``eta`` % of pixels exceed),
+    detached from the graph. A running estimate (the first batch sets it, then
+    ``tau <- (1 - momentum) tau + momentum tau_batch``) is kept as the buffer
+    ``running_tau`` and used in evaluation, so it is saved with the weights.
+    Before any training step the running tau is 0, as BatchNorm's running mean
+    starts at 0.
+
+    Args:
+        eta: percentage of pixels (0 < eta < 100) that should lie above tau (paper: 7).
+        r: compression of the sigmoid (> 0; paper: 20).
+        momentum: weight of the new batch in the running tau (0 < momentum <= 1).
+        sparse: False gives the plain ``sigmoid(a)`` of the M_-sparse ablation.
+    """
+
+    def __init__(self, eta: float = 7.0, r: float = 20.0, momentum: float = 0.1, sparse: bool = True):
+        super().__init__()
+        if not 0.0 < eta < 100.0:
+            raise ValueError(f"eta (percentage of attended pixels) must be in (0, 100), got {eta}.")
+        if r <= 0:
+            raise ValueError(f"r (sigmoid compression) must be > 0, got {r}.")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
+        self.eta, self.r, self.momentum, self.sparse = float(eta), float(r), float(momentum), bool(sparse)
+        self.register_buffer("running_tau", torch.zeros(()))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        self.last_tau: torch.Tensor | None = None  # the tau of the latest call (None for plain sigmoid)
+
+    def batch_tau(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of each image's (100 - eta)-th percentile of ``logits``
+        ``(B, 1, H, W)`` (linear interpolation, as numpy.percentile). Returns a detached scalar."""
+        flat = logits.detach().float().flatten(1)
+        return torch.quantile(flat, 1.0 - self.eta / 100.0, dim=1).mean()
+
+    def forward(self, logits: torch.Tensor, use_running_tau: bool = False) -> torch.Tensor:
+        """Map logits ``(B, 1, H, W)`` to attention in [0, 1], same shape, float32.
+
+        Args:
+            logits: the attention network's output ``a``.
+            use_running_tau: in training, use the running tau instead of the batch's own
+                (the equivariance target branch does this); evaluation always uses it.
+        """
+        logits = logits.float()
+        if not self.sparse:
+            self.last_tau = None
+            return torch.sigmoid(logits)
+        if self.training and not use_running_tau:
+            tau = self.batch_tau(logits)
+            with torch.no_grad():
+                if int(self.num_batches_tracked) == 0:
+                    self.running_tau.copy_(tau)
+                else:
+                    self.running_tau.mul_(1.0 - self.momentum).add_(self.momentum * tau)
+                self.num_batches_tracked.add_(1)
+        else:
+            tau = self.running_tau
+        self.last_tau = tau.detach()
+        return torch.sigmoid(self.r * (logits - tau))
+
+    def extra_repr(self) -> str:
+        return f"eta={self.eta}, r={self.r}, momentum={self.momentum}, sparse={self.sparse}"
+
+
+class DilatedResidualBlock(nn.Module):
+    """conv3x3(d) -> BN -> ReLU -> conv3x3(d) -> BN, plus the input, then ReLU.
+    Stride 1 and padding d keep ``(B, width, H, W)``."""
+
+    def __init__(self, width: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(width),
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + x)
+
+
+class AttentionNet(nn.Module):
+    """The attention network F: a full-resolution dilated residual FCN.
+
+    conv3x3 (in -> width, no bias) -> BN -> ReLU; one :class:`DilatedResidualBlock`
+    per dilation (paper: 1, 2, 3, 5, 10, 20, receptive field ~170 px); conv1x1
+    (width -> 1, bias) gives the logit map ``a``; :class:`PercentileSigmoid` gives ``A``.
+
+    Args:
+        in_channels: input channels (3 for RGB).
+        width: feature channels (paper: 64).
+        dilations: one residual block per entry.
+        eta, r, momentum, sparse: see :class:`PercentileSigmoid`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        width: int = 64,
+        dilations: Sequence[int] = PAPER_DILATIONS,
+        eta: float = 7.0,
+        r: float = 20.0,
+        momentum: float = 0.1,
+        sparse: bool = True,
+    ):
+        super().__init__()
+        if width < 1 or in_channels < 1:
+            raise ValueError(f"width and in_channels must be >= 1, got width={width}, in_channels={in_channels}.")
+        self.in_channels, self.width, self.dilations = in_channels, width, tuple(int(d) for d in dilations)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        self.blocks = nn.Sequential(*[DilatedResidualBlock(width, d) for d in self.dilations])
+        self.head = nn.Conv2d(width, 1, 1, bias=True)
+        self.activation = PercentileSigmoid(eta=eta, r=r, momentum=momentum, sparse=sparse)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention logits ``a``: ``(B, in_channels, H, W)`` -> ``(B, 1, H, W)``."""
+        return self.head(self.blocks(self.stem(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention map ``A`` in [0, 1]: ``(B, in_channels, H, W)`` -> ``(B, 1, H, W)``."""
+        return self.activation(self.logits(x))
+
+
+def scale_classifier(num_classes: int = 3, in_channels: int = 3, pretrained_path: str | None = None) -> nn.Module:
+    """The scale classifier G: ResNet-34 (7x7 stride-2 stem, max-pool, 4 stages,
+    global average pool, linear 512 -> ``num_classes``), MONAI's implementation.
+
+    Args:
+        num_classes: number of magnifications.
+        in_channels: channels of ``J = A * I``.
+        pretrained_path: optional state dict (e.g. ImageNet weights converted to MONAI's
+            ResNet key names) to start from; a final layer of another size is skipped.
+            Nothing is downloaded.
+    """
+    net = resnet34(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, conv1_t_size=7, conv1_t_stride=2)
+    if pretrained_path:
+        state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        own = net.state_dict()
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise ValueError(f"{pretrained_path}: {len(unknown)} keys are not in MONAI's resnet34, e.g. {unknown[:3]}.")
+        kept = {k: v for k, v in state.items() if own[k].shape == v.shape}
+        net.load_state_dict(kept, strict=False)
+    return net
+
+
+class ScaleAttentionModel(nn.Module):
+    """F and G trained together: ``A = F(I)``, ``J = A * I``, scale logits ``G(J)``.
+
+    ``I`` is ImageNet-normalised, so masked pixels become the mean colour.
+    In training with ``equivariance=True`` it also computes, without gradient and
+    with the running tau, the equivariance target ``t^-1(A(t(I)))`` for one
+    transform ``t`` drawn per batch from the paper's set (flips, transpose, rotations).
+
+    Args:
+        attention: the attention network F (:class:`AttentionNet`).
+        classifier: the scale classifier G.
+        equivariance: compute the equivariance target in training.
+        equivariance_transforms: indices into ``custom.transforms.DIHEDRAL_NAMES``.
+        amp_dtype: autocast dtype ("bfloat16", "float16") or None for float32.
+        channels_last: run convolutions in channels-last memory format.
+
+    ``forward(x)`` returns a dict: ``scale_logits (B, K)``, ``attention (B, 1, H, W)``
+    (float32), ``logits (B, 1, H, W)``, ``tau`` (scalar used; absent for a plain sigmoid), and in training with
+    equivariance ``equiv_target (B, 1, H, W)`` and ``equiv_transform`` (int).
+    """
+
+    def __init__(
+        self,
+        attention: AttentionNet,
+        classifier: nn.Module,
+        equivariance: bool = True,
+        equivariance_transforms: Sequence[int] = EQUIVARIANCE_TRANSFORMS,
+        amp_dtype: str | None = "bfloat16",
+        channels_last: bool = True,
+    ):
+        super().__init__()
+        self.attention, self.classifier = attention, classifier
+        self.equivariance = bool(equivariance)
+        self.equivariance_transforms = tuple(int(t) for t in equivariance_transforms)
+        if self.equivariance and not self.equivariance_transforms:
+            raise ValueError("equivariance is on but equivariance_transforms is empty.")
+        autocast_context("cpu", amp_dtype)  # validates the name early
+        self.amp_dtype, self.channels_last = amp_dtype, bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        act = self.attention.activation
+        with autocast_context(x.device, self.amp_dtype):
+            logits = self.attention.logits(x)
+            attention = act(logits)
+            scale_logits = self.classifier(attention.to(x.dtype) * x)
+            out = {"scale_logits": scale_logits.float(), "attention": attention, "logits": logits.float()}
+            if act.last_tau is not None:
+                out["tau"] = act.last_tau
+            if self.training and self.equivariance:
+                idx = torch.randint(len(self.equivariance_transforms), (1,)).item()
+                t = self.equivariance_transforms[idx]
+                with torch.no_grad():
+                    xt = dihedral(x, t)
+                    if self.channels_last:
+                        xt = xt.contiguous(memory_format=torch.channels_last)
+                    target = act(self.attention.logits(xt), use_running_tau=True)
+                out["equiv_target"] = dihedral_inverse(target, t).contiguous()
+                out["equiv_transform"] = t
+        return out

@@ -1,0 +1,286 @@
+"""Transforms: the dihedral group, Reinhard colour transfer and HED jitter.
+
+Array transforms work on channel-first RGB images ``(3, H, W)`` with float
+values in ``[0, 1]`` (numpy or torch); each has a dictionary twin (suffix
+``d``) in MONAI's style.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform, Transform
+from skimage.color import lab2rgb, rgb2lab
+from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+
+__all__ = [
+    "DIHEDRAL_NAMES",
+    "EQUIVARIANCE_TRANSFORMS",
+    "dihedral",
+    "dihedral_inverse",
+    "reinhard_stats",
+    "ReinhardNormalize",
+    "ReinhardNormalized",
+    "RandHEDJitter",
+    "RandHEDJitterd",
+    "RandDihedral",
+    "RandDihedrald",
+]
+
+# The eight elements of the dihedral group D4 acting on the last two axes (H, W).
+DIHEDRAL_NAMES = ("identity", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "antitranspose")
+# The paper's set T for the equivariance loss (section 3.2): indices into DIHEDRAL_NAMES.
+EQUIVARIANCE_TRANSFORMS = (1, 2, 3, 4, 5, 6)
+# Index of each element's inverse: rot90 and rot270 undo each other, the rest are involutions.
+_INVERSE = (0, 1, 2, 3, 6, 5, 4, 7)
+
+
+def _flip(x, axis: int):
+    return torch.flip(x, dims=(axis,)) if isinstance(x, torch.Tensor) else np.flip(x, axis=axis)
+
+
+def _swap(x):
+    return x.transpose(-1, -2) if isinstance(x, torch.Tensor) else np.swapaxes(x, -1, -2)
+
+
+def _rot90(x, k: int):
+    if isinstance(x, torch.Tensor):
+        return torch.rot90(x, k, dims=(-2, -1))
+    return np.rot90(x, k, axes=(-2, -1))
+
+
+def dihedral(x, index: int):
+    """Apply one element of the dihedral group D4 to the last two axes.
+
+    Args:
+        x: array or tensor ``(..., H, W)``.
+        index: element of ``DIHEDRAL_NAMES`` (0 identity, 1 horizontal flip (W axis),
+            2 vertical flip (H axis), 3 transpose, 4/5/6 counter-clockwise rotation
+            by 90/180/270 degrees, 7 anti-transpose).
+
+    Returns:
+        The transformed array, ``(..., H, W)`` or ``(..., W, H)`` for transposes and
+        quarter turns. Numpy results may be views; copy before writing in place.
+    """
+    if not 0 <= int(index) < len(DIHEDRAL_NAMES):
+        raise ValueError(f"dihedral index must be in 0..{len(DIHEDRAL_NAMES) - 1}, got {index}.")
+    index = int(index)
+    if index == 0:
+        return x
+    if index == 1:
+        return _flip(x, -1)
+    if index == 2:
+        return _flip(x, -2)
+    if index == 3:
+        return _swap(x)
+    if index in (4, 5, 6):
+        return _rot90(x, index - 3)
+    return _rot90(_swap(x), 2)  # anti-transpose: reflection about the anti-diagonal
+
+
+def dihedral_inverse(x, index: int):
+    """Undo ``dihedral(., index)``: ``dihedral_inverse(dihedral(x, i), i) == x``.
+
+    Args:
+        x: array or tensor ``(..., H, W)``.
+        index: the element that was applied.
+    """
+    if not 0 <= int(index) < len(DIHEDRAL_NAMES):
+        raise ValueError(f"dihedral index must be in 0..{len(DIHEDRAL_NAMES) - 1}, got {index}.")
+    return dihedral(x, _INVERSE[int(index)])
+
+
+def _to_hwc(img) -> np.ndarray:
+    arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise ValueError(f"expected a channel-first RGB image (3, H, W), got shape {arr.shape}.")
+    return np.moveaxis(arr, 0, -1).astype(np.float64, copy=False)
+
+
+def _like(out_hwc: np.ndarray, ref):
+    out = np.ascontiguousarray(np.moveaxis(out_hwc, -1, 0), dtype=np.float32)
+    return torch.as_tensor(out) if isinstance(ref, torch.Tensor) else out
+
+
+def _standardise_brightness(rgb: np.ndarray, percentile: float | None) -> np.ndarray:
+    """Scale an RGB image (H, W, 3), values in [0, 1], so its `percentile` of
+    brightness becomes white, then clip (the authors' step before Reinhard)."""
+    if percentile is None:
+        return rgb
+    p = np.percentile(rgb.mean(axis=-1), percentile)
+    return np.clip(rgb / max(p, 1e-6), 0.0, 1.0) if p > 0 else rgb
+
+
+def reinhard_stats(images: Sequence, brightness_percentile: float | None = 90.0) -> tuple[list, list]:
+    """Mean LAB statistics of a set of images, the default Reinhard target.
+
+    Args:
+        images: RGB images, each ``(3, H, W)`` in [0, 1] or ``(H, W, 3)`` uint8.
+        brightness_percentile: brightness standardisation applied first (None: off).
+
+    Returns:
+        ``(means, stds)``: two lists of 3 floats, the average over images of the per-image
+        L*, a*, b* channel means and standard deviations (CIELAB units).
+    """
+    if len(images) == 0:
+        raise ValueError("reinhard_stats needs at least one image.")
+    means, stds = [], []
+    for img in images:
+        arr = np.asarray(img)
+        rgb = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 and arr.shape[-1] == 3 else _to_hwc(arr)
+        lab = rgb2lab(_standardise_brightness(rgb, brightness_percentile)).reshape(-1, 3)
+        means.append(lab.mean(0))
+        stds.append(lab.std(0))
+    return np.mean(means, 0).tolist(), np.mean(stds, 0).tolist()
+
+
+class ReinhardNormalize(Transform):
+    """Reinhard et al. (2001) colour transfer in CIELAB to fixed target statistics.
+
+    Each LAB channel of the image is shifted and scaled to the target mean and
+    standard deviation. Optionally the image's brightness is first standardised
+    (its ``brightness_percentile`` of mean RGB value is mapped to white), as the
+    authors' code does with the 90th percentile.
+
+    Args:
+        target_means: 3 LAB means (L* in [0, 100]).
+        target_stds: 3 LAB standard deviations.
+        brightness_percentile: percentile in (0, 100] or None to skip.
+    """
+
+    def __init__(self, target_means: Sequence[float], target_stds: Sequence[float], brightness_percentile: float | None = 90.0):
+        if len(target_means) != 3 or len(target_stds) != 3:
+            raise ValueError("ReinhardNormalize needs 3 target means and 3 target stds (L*, a*, b*).")
+        if brightness_percentile is not None and not 0 < brightness_percentile <= 100:
+            raise ValueError(f"brightness_percentile must be in (0, 100], got {brightness_percentile}.")
+        self.target_means = np.asarray(target_means, dtype=np.float64)
+        self.target_stds = np.asarray(target_stds, dtype=np.float64)
+        self.brightness_percentile = brightness_percentile
+
+    def __call__(self, img):
+        """img: ``(3, H, W)`` RGB in [0, 1]; returns the same shape and type."""
+        rgb = _standardise_brightness(_to_hwc(img), self.brightness_percentile)
+        lab = rgb2lab(rgb)
+        mu = lab.reshape(-1, 3).mean(0)
+        sd = lab.reshape(-1, 3).std(0)
+        lab = (lab - mu) / np.maximum(sd, 1e-6) * self.target_stds + self.target_means
+        lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
+        return _like(np.clip(lab2rgb(lab), 0.0, 1.0), img)
+
+
+class RandHEDJitter(RandomizableTransform):
+    """Stain augmentation: scale each of the H, E, D channels (colour deconvolution,
+    Ruifrok & Johnston) by an independent factor drawn from N(1, sigma).
+
+    Args:
+        sigma: standard deviation of the multiplicative factors (paper: 0.03).
+        prob: probability of applying the jitter.
+    """
+
+    def __init__(self, sigma: float = 0.03, prob: float = 1.0):
+        RandomizableTransform.__init__(self, prob)
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}.")
+        self.sigma = sigma
+        self._factors = np.ones(3)
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self._factors = self.R.normal(1.0, self.sigma, size=3)
+
+    def __call__(self, img, randomize: bool = True):
+        """img: ``(3, H, W)`` RGB in [0, 1]; returns the same shape and type."""
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        # optical density, unmixed into stain concentrations (Ruifrok & Johnston matrix);
+        # negative concentrations are kept so that factors of 1 give the image back exactly
+        od = -np.log(np.clip(_to_hwc(img), 1e-6, 1.0))
+        hed = od @ hed_from_rgb
+        rgb = np.exp(-((hed * self._factors) @ rgb_from_hed))
+        return _like(np.clip(rgb, 0.0, 1.0), img)
+
+
+class RandDihedral(RandomizableTransform):
+    """Apply a uniformly drawn element of the dihedral group D4 (the 8 rigid
+    transforms that map the pixel grid onto itself) to ``(C, H, W)`` images."""
+
+    def __init__(self, prob: float = 1.0):
+        RandomizableTransform.__init__(self, prob)
+        self._index = 0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self._index = int(self.R.randint(len(DIHEDRAL_NAMES))) if self._do_transform else 0
+
+    def __call__(self, img, randomize: bool = True):
+        if randomize:
+            self.randomize()
+        out = dihedral(img, self._index)
+        return out.contiguous() if isinstance(out, torch.Tensor) else np.ascontiguousarray(out)
+
+
+class ReinhardNormalized(MapTransform):
+    """Dictionary version of :class:`ReinhardNormalize`."""
+
+    def __init__(self, keys: KeysCollection, target_means, target_stds, brightness_percentile: float | None = 90.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = ReinhardNormalize(target_means, target_stds, brightness_percentile)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class RandHEDJitterd(RandomizableTransform, MapTransform):
+    """Dictionary version of :class:`RandHEDJitter` (one draw shared by all keys)."""
+
+    def __init__(self, keys: KeysCollection, sigma: float = 0.03, prob: float = 1.0, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.jitter = RandHEDJitter(sigma=sigma, prob=1.0)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.jitter.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        self.jitter.randomize()
+        for key in self.key_iterator(d):
+            d[key] = self.jitter(d[key], randomize=False)
+        return d
+
+
+class RandDihedrald(RandomizableTransform, MapTransform):
+    """Dictionary version of :class:`RandDihedral` (the same element for all keys)."""
+
+    def __init__(self, keys: KeysCollection, prob: float = 1.0, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.dihedral = RandDihedral(prob=1.0)
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.dihedral.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        self.dihedral.randomize()
+        for key in self.key_iterator(d):
+            d[key] = self.dihedral(d[key], randomize=False)
+        return d

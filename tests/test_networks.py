@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+import torch
+
+from custom.networks import AttentionNet, PercentileSigmoid, ScaleAttentionModel, autocast_context, scale_classifier
+from custom.losses import ScaleAttentionLoss
+
+
+def test_batch_tau_matches_numpy_percentile():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1, 17, 23)
+    act = PercentileSigmoid(eta=7.0)
+    expected = np.mean([np.percentile(logits[b].numpy().ravel(), 93.0) for b in range(5)])
+    assert act.batch_tau(logits).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # eta = 7 %: about 7 % of each image's pixels lie above its own percentile
+    for b in range(5):
+        tau_b = np.percentile(logits[b].numpy().ravel(), 93.0)
+        assert abs((logits[b].numpy() > tau_b).mean() - 0.07) < 1.0 / (17 * 23) + 1e-9
+
+
+def test_running_tau_first_batch_sets_then_momentum():
+    act = PercentileSigmoid(eta=10.0, r=20.0, momentum=0.1).train()
+    a1, a2 = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8) + 3.0
+    act(a1)
+    t1 = act.batch_tau(a1).item()
+    assert act.running_tau.item() == pytest.approx(t1, abs=1e-6)
+    act(a2)
+    t2 = act.batch_tau(a2).item()
+    assert act.running_tau.item() == pytest.approx(0.9 * t1 + 0.1 * t2, abs=1e-5)
+    # the equivariance branch uses the running tau and does not update it
+    before = act.running_tau.clone()
+    out = act(a1, use_running_tau=True)
+    assert torch.equal(act.running_tau, before)
+    assert torch.allclose(out, torch.sigmoid(20.0 * (a1 - before)))
+    # evaluation uses the running tau
+    act.eval()
+    assert torch.allclose(act(a2), torch.sigmoid(20.0 * (a2 - before)))
+
+
+def test_tau_is_detached_and_sigmoid_compressed():
+    act = PercentileSigmoid(eta=7.0, r=20.0).train()
+    a = torch.randn(2, 1, 10, 10, requires_grad=True)
+    out = act(a)
+    out.sum().backward()
+    tau = act.last_tau
+    s = torch.sigmoid(20.0 * (a.detach() - tau))
+    # d/da sigmoid(r (a - tau)) with tau constant = r s (1 - s)
+    assert torch.allclose(a.grad, 20.0 * s * (1 - s), atol=1e-5)
+
+
+def test_plain_sigmoid_without_sparsity():
+    act = PercentileSigmoid(sparse=False).train()
+    a = torch.randn(2, 1, 6, 6)
+    assert torch.allclose(act(a), torch.sigmoid(a))
+    assert act.last_tau is None and act.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"eta": 0}, {"eta": 100}, {"r": 0}, {"momentum": 0}])
+def test_percentile_sigmoid_rejects_out_of_range(kwargs):
+    with pytest.raises(ValueError):
+        PercentileSigmoid(**kwargs)
+
+
+def test_attention_net_structure_and_shape():
+    net = AttentionNet(width=8)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.dilation[0] for c in convs[1:-1]] == [1, 1, 2, 2, 3, 3, 5, 5, 10, 10, 20, 20]
+    assert all(c.stride == (1, 1) for c in convs)
+    assert convs[0].bias is None and convs[-1].bias is not None and convs[-1].out_channels == 1
+    x = torch.randn(2, 3, 37, 41)
+    net.eval()
+    a = net(x)
+    assert a.shape == (2, 1, 37, 41) and a.min() >= 0 and a.max() <= 1
+    # receptive field radius: 1 (stem) + 2 * (1+2+3+5+10+20) = 83 px (167 px across): nothing further
+    # away reaches the centre; the dilated blocks do reach far (exact edge taps may be cut by ReLUs)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 221, 221, requires_grad=True)
+    net.logits(x)[0, 0, 110, 110].backward()
+    rows = torch.nonzero(x.grad.abs().sum(dim=(0, 1, 3)))[:, 0]
+    assert rows.min().item() >= 110 - 83 and rows.max().item() <= 110 + 83
+    assert rows.max().item() - 110 >= 60
+
+
+def test_scale_classifier_is_resnet34():
+    g = scale_classifier(num_classes=3)
+    n_params = sum(p.numel() for p in g.parameters())
+    assert 21_000_000 < n_params < 21_500_000  # ResNet-34 with a 3-way head: 21.29 M
+    assert g.conv1.kernel_size == (7, 7) and g.conv1.stride == (2, 2)
+    assert g(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_scale_classifier_loads_user_checkpoint(tmp_path):
+    src = scale_classifier(num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "g.pt")
+    g = scale_classifier(num_classes=3, pretrained_path=str(tmp_path / "g.pt"))
+    assert torch.equal(g.conv1.weight, src.conv1.weight)
+    torch.save({"nonsense.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt"):
+        scale_classifier(pretrained_path=str(tmp_path / "bad.pt"))
+
+
+def _make_isotropic(net: AttentionNet) -> AttentionNet:
+    """Give every 3x3 kernel D4 symmetry (centre, edge and corner weights shared),
+    which makes F exactly equivariant to flips, transposes and quarter turns."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                w = m.weight
+                sym = sum(torch.rot90(w, k, dims=(-2, -1)) for k in range(4))
+                sym = sym + sym.transpose(-1, -2)
+                m.weight.copy_(sym / 8)
+    return net
+
+
+def test_equivariance_loss_zero_for_equivariant_network():
+    torch.manual_seed(0)
+    f = _make_isotropic(AttentionNet(width=4, dilations=(1, 2)))
+    model = ScaleAttentionModel(f, scale_classifier(), equivariance=True, amp_dtype=None, channels_last=False).train()
+    loss = ScaleAttentionLoss()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+    for _ in range(6):  # every batch draws a transform; the first batch sets the running tau
+        f.activation.running_tau.zero_()
+        f.activation.num_batches_tracked.zero_()
+        out = model(x)
+        assert out["equiv_transform"] in (1, 2, 3, 4, 5, 6)
+        assert loss(out, y)["loss_equiv"].item() < 1e-10
+    # and clearly non-zero for an ordinary (non-symmetric) network
+    model2 = ScaleAttentionModel(AttentionNet(width=4, dilations=(1, 2)), scale_classifier(), amp_dtype=None, channels_last=False)
+    assert loss(model2(x), y)["loss_equiv"].item() > 1e-4
+
+
+def test_scale_attention_model_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = ScaleAttentionModel(AttentionNet(width=4), scale_classifier(), amp_dtype="bfloat16", channels_last=True).train()
+    x, y = torch.randn(3, 3, 48, 48), torch.tensor([0, 1, 2])
+    out = model(x)
+    assert out["scale_logits"].shape == (3, 3) and out["attention"].shape == (3, 1, 48, 48)
+    assert out["attention"].dtype == torch.float32 and out["equiv_target"].shape == (3, 1, 48, 48)
+    assert not out["equiv_target"].requires_grad
+    ScaleAttentionLoss()(out, y)["loss"].backward()
+    assert model.attention.stem[0].weight.grad.abs().sum() > 0
+    model.eval()
+    out = model(x)
+    assert "equiv_target" not in out and out["tau"] == model.attention.activation.running_tau
+
+
+def test_autocast_context_validates():
+    with pytest.raises(ValueError, match="amp_dtype"):
+        autocast_context("cpu", "int8")
+    with autocast_context("cpu", None):
+        pass

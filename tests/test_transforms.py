@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb2lab
+
+from custom.transforms import (
+    DIHEDRAL_NAMES,
+    EQUIVARIANCE_TRANSFORMS,
+    RandDihedrald,
+    RandHEDJitter,
+    RandHEDJitterd,
+    ReinhardNormalize,
+    ReinhardNormalized,
+    dihedral,
+    dihedral_inverse,
+    reinhard_stats,
+)
+
+# each element written independently with numpy on an (H, W) image
+NUMPY_REFERENCE = {
+    "identity": lambda a: a,
+    "hflip": np.fliplr,
+    "vflip": np.flipud,
+    "transpose": lambda a: a.T,
+    "rot90": lambda a: np.rot90(a, 1),
+    "rot180": lambda a: np.rot90(a, 2),
+    "rot270": lambda a: np.rot90(a, 3),
+    "antitranspose": lambda a: np.rot90(a, 2).T,
+}
+
+
+@pytest.mark.parametrize("index", range(len(DIHEDRAL_NAMES)))
+def test_dihedral_and_inverse(index):
+    img = np.arange(5 * 7).reshape(5, 7)
+    expected = NUMPY_REFERENCE[DIHEDRAL_NAMES[index]](img)
+    np.testing.assert_array_equal(dihedral(img, index), expected)
+    t = torch.as_tensor(img).view(1, 1, 5, 7)
+    np.testing.assert_array_equal(dihedral(t, index)[0, 0].numpy(), expected)
+    np.testing.assert_array_equal(dihedral_inverse(dihedral(img, index), index), img)
+    np.testing.assert_array_equal(dihedral_inverse(dihedral(t, index), index).numpy(), t.numpy())
+
+
+def test_group_has_eight_distinct_elements_and_paper_set():
+    img = np.arange(16).reshape(4, 4)
+    outs = {dihedral(img, i).tobytes() for i in range(8)}
+    assert len(outs) == 8
+    assert [DIHEDRAL_NAMES[i] for i in EQUIVARIANCE_TRANSFORMS] == ["hflip", "vflip", "transpose", "rot90", "rot180", "rot270"]
+    with pytest.raises(ValueError):
+        dihedral(img, 8)
+
+
+def _tissue(seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    img = np.empty((3, size, size), np.float32)
+    img[0], img[1], img[2] = 0.9, 0.6, 0.8
+    img[:, 10:30, 10:30] = np.array([0.35, 0.2, 0.55])[:, None, None]
+    return np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1).astype(np.float32)
+
+
+def test_reinhard_matches_target_statistics():
+    target_means, target_stds = [70.0, 20.0, -15.0], [12.0, 8.0, 6.0]
+    out = ReinhardNormalize(target_means, target_stds, brightness_percentile=None)(_tissue())
+    assert out.shape == (3, 64, 64) and out.dtype == np.float32
+    lab = rgb2lab(np.moveaxis(out, 0, -1).astype(np.float64)).reshape(-1, 3)
+    np.testing.assert_allclose(lab.mean(0), target_means, atol=1.0)
+    np.testing.assert_allclose(lab.std(0), target_stds, rtol=0.1)
+    # torch in, torch out; dictionary version identical
+    t = torch.as_tensor(_tissue())
+    out_t = ReinhardNormalize(target_means, target_stds, brightness_percentile=None)(t)
+    assert isinstance(out_t, torch.Tensor)
+    d = ReinhardNormalized("image", target_means, target_stds, brightness_percentile=None)({"image": t})
+    assert torch.allclose(d["image"], out_t)
+
+
+def test_reinhard_stats_self_target_is_near_identity():
+    img = _tissue(1)
+    means, stds = reinhard_stats([img], brightness_percentile=None)
+    out = ReinhardNormalize(means, stds, brightness_percentile=None)(img)
+    assert np.abs(out - img).max() < 0.02
+    with pytest.raises(ValueError):
+        ReinhardNormalize([1, 2], [1, 2, 3])
+
+
+def test_hed_jitter():
+    img = _tissue(2)
+    assert np.abs(RandHEDJitter(sigma=0.0)(img) - img).max() < 1e-3  # deconvolution round trip
+    jit = RandHEDJitter(sigma=0.03).set_random_state(0)
+    out = jit(img)
+    assert out.shape == img.shape and 0 <= out.min() and out.max() <= 1
+    assert 0 < np.abs(out - img).max() < 0.2 and np.abs(jit._factors - 1).max() < 0.2
+    d = RandHEDJitterd(["a", "b"], sigma=0.05).set_random_state(1)({"a": img, "b": img.copy()})
+    np.testing.assert_allclose(d["a"], d["b"])  # one draw shared by keys
+
+
+def test_rand_dihedrald_same_transform_for_all_keys():
+    img = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6)
+    seen = set()
+    t = RandDihedrald(["image", "copy"]).set_random_state(0)
+    for _ in range(60):
+        d = t({"image": img, "copy": img.copy()})
+        np.testing.assert_array_equal(d["image"], d["copy"])
+        seen.add(d["image"].tobytes())
+    assert len(seen) == 8
