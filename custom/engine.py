@@ -47,7 +47,7 @@ class ScaleAttentionIteration:
         losses = engine.loss_function(outputs, targets)
         total = losses["loss"]
         if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise FloatingPointError(f"non-finite training loss at iteration {engine.state.iteration}: {terms}.")
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         total.backward()

@@ -1,0 +1,93 @@
+"""End-to-end: the bundle's training workflow for a couple of iterations, as a user runs it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from custom.networks import AttentionNet
+from tests.conftest import REPO, make_prepared_dataset, require_monuseg
+
+CONFIGS = REPO / "bundle" / "configs"
+TINY = ["--epochs", "2", "--iterations_per_epoch", "2", "--batch_size", "6", "--val_crops_per_image", "1", "--width", "4",
+        "--crop_size", "48", "--num_workers", "0"]
+
+
+def run_training(tmp_path: Path, dataset: Path, *extra: str, config_files=("train.json",)) -> subprocess.CompletedProcess:
+    files = [str(CONFIGS / f) for f in config_files]
+    config = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config,
+           "--dataset_dir", str(dataset), "--bundle_root", str(tmp_path / "bundle"), *TINY, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_training_writes_events_checkpoints_and_model(tmp_path):
+    dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=192)
+    proc = run_training(tmp_path, dataset)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "bundle" / "runs" / "train"
+    assert list(out.glob("events.out.tfevents.*"))
+    ckpt = torch.load(out / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["epoch_length"] == 2
+    assert (out / "checkpoints" / "best_val_scale_accuracy.pt").is_file()
+    state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    net = AttentionNet(width=4)
+    net.load_state_dict(state)  # F only: loads into the bare attention network
+    assert net.activation.num_batches_tracked.item() == 4 and torch.isfinite(net.activation.running_tau)
+    assert not any(k.startswith("classifier") for k in state)
+    # TensorBoard received every loss term, accuracy, tau and attention images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out)).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/loss_scale", "train/loss_smooth", "train/loss_equiv", "train/accuracy", "train/tau",
+            "val_scale_accuracy"} <= scalars
+    assert {"val_attention/image", "val_attention/attention", "val_attention/attended"} <= set(acc.Tags()["images"])
+
+    # resume from the final checkpoint and train 1 more epoch: iteration continues at 4
+    proc = run_training(tmp_path, dataset, "--epochs", "3", "--resume_from", str(out / "checkpoints" / "checkpoint_final.pt"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert ckpt["trainer"]["iteration"] == 6
+
+
+@pytest.mark.parametrize(
+    "ablation, check",
+    [
+        ("minus_smooth", lambda p: p.get_parsed_content("loss").smooth_weight == 0.0),
+        ("minus_equiv", lambda p: p.get_parsed_content("loss").equiv_weight == 0.0 and not p.get_parsed_content("model_def").equivariance),
+        ("minus_sparse", lambda p: not p.get_parsed_content("network_def").activation.sparse),
+    ],
+)
+def test_ablation_overrides(ablation, check):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "ablations" / f"{ablation}.json")])
+    assert check(parser)
+    assert ablation in parser.get_parsed_content("output_dir")
+
+
+def test_ablation_trains(tmp_path):
+    dataset = make_prepared_dataset(tmp_path / "data", n_images=2, size=160)
+    proc = run_training(tmp_path, dataset, "--epochs", "1", config_files=("train.json", "ablations/minus_sparse.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "bundle" / "runs" / "minus_sparse" / "model.pt").is_file()
+
+
+def test_missing_dataset_stops_with_clear_message(tmp_path):
+    proc = run_training(tmp_path, tmp_path / "nothing-here", "--download", "false")
+    assert proc.returncode != 0
+    assert "--dataset_dir" in proc.stdout + proc.stderr
+    assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
+
+
+def test_training_on_real_monuseg(tmp_path):
+    root = require_monuseg()
+    proc = run_training(tmp_path, root, "--epochs", "1", "--val_split", "val")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
