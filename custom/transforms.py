@@ -238,49 +238,39 @@ class ReinhardNormalized(MapTransform):
         return d
 
 
-class RandHEDJitterd(RandomizableTransform, MapTransform):
+class _SharedDrawd(RandomizableTransform, MapTransform):
+    """Dictionary wrapper of a random array transform: one draw, applied to every key."""
+
+    def __init__(self, keys: KeysCollection, transform: RandomizableTransform, prob: float, allow_missing_keys: bool):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.transform = transform
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        self.transform.randomize()
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key], randomize=False)
+        return d
+
+
+class RandHEDJitterd(_SharedDrawd):
     """Dictionary version of :class:`RandHEDJitter` (one draw shared by all keys)."""
 
     def __init__(self, keys: KeysCollection, sigma: float = 0.03, prob: float = 1.0, allow_missing_keys: bool = False):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.jitter = RandHEDJitter(sigma=sigma, prob=1.0)
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        self.jitter.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.jitter.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.jitter(d[key], randomize=False)
-        return d
+        super().__init__(keys, RandHEDJitter(sigma=sigma, prob=1.0), prob, allow_missing_keys)
 
 
-class RandDihedrald(RandomizableTransform, MapTransform):
+class RandDihedrald(_SharedDrawd):
     """Dictionary version of :class:`RandDihedral` (the same element for all keys)."""
 
     def __init__(self, keys: KeysCollection, prob: float = 1.0, allow_missing_keys: bool = False):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.dihedral = RandDihedral(prob=1.0)
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        self.dihedral.set_random_state(seed, state)
-        return self
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.dihedral.randomize()
-        for key in self.key_iterator(d):
-            d[key] = self.dihedral(d[key], randomize=False)
-        return d
+        super().__init__(keys, RandDihedral(prob=1.0), prob, allow_missing_keys)
