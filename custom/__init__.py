@@ -11,9 +11,5 @@ engine      the training iteration run by MONAI's SupervisedTrainer
 handlers    Ignite handlers: TensorBoard attention maps, model export
 """
 
-from custom import data, engine, handlers, losses, networks, transforms  # noqa: E402  (config expressions use custom.<module>)
-
-try:  # written alongside; optional until present
-    from custom import monuseg  # noqa: E402
-except ImportError:  # pragma: no cover
-    pass
+# config expressions ("$custom.data.list_ids(...)") need the submodules loaded by `import custom`
+from custom import data, engine, handlers, losses, monuseg, networks, transforms  # noqa: E402,F401

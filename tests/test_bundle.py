@@ -73,7 +73,7 @@ def test_ablation_overrides(ablation, check):
 
 
 def test_ablation_trains(tmp_path):
-    dataset = make_prepared_dataset(tmp_path / "data", n_images=2, size=160)
+    dataset = make_prepared_dataset(tmp_path / "data", n_images=2, size=192)
     proc = run_training(tmp_path, dataset, "--epochs", "1", config_files=("train.json", "ablations/minus_sparse.json"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "bundle" / "runs" / "minus_sparse" / "model.pt").is_file()
