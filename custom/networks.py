@@ -22,6 +22,7 @@ __all__ = [
     "scale_classifier",
     "ScaleAttentionModel",
     "autocast_context",
+    "load_attention_weights",
 ]
 
 PAPER_DILATIONS = (1, 2, 3, 5, 10, 20)
@@ -259,3 +260,18 @@ class ScaleAttentionModel(nn.Module):
                 out["equiv_target"] = dihedral_inverse(target, t).contiguous()
                 out["equiv_transform"] = t
         return out
+
+
+def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
+    """Load F's weights and running tau from ``path`` into ``net`` (in place) and return it.
+
+    Accepts the exported ``model.pt`` (F's state dict) or a training checkpoint
+    (``{"network": state of ScaleAttentionModel, ...}``, F's keys under ``attention.``).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("network"), dict):
+        state = {k[len("attention."):]: v for k, v in state["network"].items() if k.startswith("attention.")}
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{path}: holds no attention-network weights (expected model.pt or a training checkpoint).")
+    net.load_state_dict(state)
+    return net

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom.data import downsample, list_ids, load_rgb  # noqa: E402
-from custom.networks import autocast_context  # noqa: E402
+from custom.networks import autocast_context, load_attention_weights  # noqa: E402
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -36,7 +36,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def attention(model: str, dataset_dir: str, split: str = "val", n: int = 3, out: str = "bundle/docs/images/attention_val.png",
               config_file: str = str(REPO / "bundle/configs/train.json"), magnification: float = 40, width: int | None = None,
               ids=None) -> None:
-    """Attention maps of whole images of ``split``; draws the first ``n``, prints Dice for all."""
+    """Attention maps of whole images of ``split``; draws the first ``n``, prints Dice for all.
+    ``model`` is an exported ``model.pt`` or a training checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,10 +52,7 @@ def attention(model: str, dataset_dir: str, split: str = "val", n: int = 3, out:
     parser["data_root"] = dataset_dir
     if width is not None:
         parser["width"] = int(width)
-    net = parser.get_parsed_content("network_def")
-    state = torch.load(model, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
-    net.eval()
+    net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval()
     prep = Compose([parser.get_parsed_content(k) for k in ("tile_to_float", "stain_normalisation", "imagenet_normalisation")])
     base = float(parser.get_parsed_content("base_magnification"))
     amp = parser.get_parsed_content("amp_dtype")

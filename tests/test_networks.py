@@ -149,3 +149,19 @@ def test_autocast_context_validates():
         autocast_context("cpu", "int8")
     with autocast_context("cpu", None):
         pass
+
+
+def test_load_attention_weights_from_model_or_checkpoint(tmp_path):
+    from custom.networks import load_attention_weights
+
+    f = AttentionNet(width=4)
+    f.train()(torch.randn(2, 3, 16, 16))
+    model = ScaleAttentionModel(f, scale_classifier(), channels_last=False)
+    torch.save(f.state_dict(), tmp_path / "model.pt")
+    torch.save({"network": model.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
+    for name in ("model.pt", "ckpt.pt"):
+        g = load_attention_weights(AttentionNet(width=4), str(tmp_path / name))
+        assert torch.equal(g.head.weight, f.head.weight) and g.activation.running_tau == f.activation.running_tau
+    torch.save({"network": {"classifier.fc.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt"):
+        load_attention_weights(AttentionNet(width=4), str(tmp_path / "other.pt"))
