@@ -9,8 +9,6 @@ DDP, validation) stays the engine's.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -26,7 +24,7 @@ class ScaleAttentionIteration:
 
     Returns (and stores in ``engine.state.output``) a dict: ``image``, ``label``,
     ``pred`` (scale logits), ``attention``, ``loss`` (float) and each loss term,
-    ``tau`` and ``accuracy`` (floats).
+    ``accuracy`` and, with the percentile sigmoid, ``tau`` (floats).
 
     Raises:
         FloatingPointError: when the loss is NaN or infinite; the message names the
@@ -58,6 +56,7 @@ class ScaleAttentionIteration:
         logits = outputs["scale_logits"].detach()
         report = {k: float(v.detach()) for k, v in losses.items()}
         report["accuracy"] = float((logits.argmax(1) == targets.view(-1)).float().mean())
-        report["tau"] = float(outputs["tau"]) if "tau" in outputs else math.nan
+        if "tau" in outputs:  # absent for the plain sigmoid (M_-sparse)
+            report["tau"] = float(outputs["tau"])
         engine.state.output.update({Keys.PRED: logits, "attention": outputs["attention"].detach(), **report})
         return engine.state.output

@@ -7,9 +7,10 @@ from custom.losses import ScaleAttentionLoss
 from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 
 
-def _trainer(batches):
+def _trainer(batches, sparse=True):
     torch.manual_seed(0)
-    model = ScaleAttentionModel(AttentionNet(width=4, dilations=(1, 2)), scale_classifier(), amp_dtype=None, channels_last=False)
+    f = AttentionNet(width=4, dilations=(1, 2), sparse=sparse)
+    model = ScaleAttentionModel(f, scale_classifier(), amp_dtype=None, channels_last=False)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
     return SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=batches, network=model,
                              optimizer=opt, loss_function=ScaleAttentionLoss(), iteration_update=ScaleAttentionIteration(),
@@ -36,3 +37,10 @@ def test_non_finite_loss_stops_with_iteration_named():
     trainer = _trainer([good, bad])
     with pytest.raises(FloatingPointError, match="iteration 2"):
         trainer.run()
+
+
+def test_plain_sigmoid_reports_no_tau():
+    batches = [{"image": torch.randn(3, 3, 32, 32), "label": torch.tensor([0, 1, 2])}]
+    trainer = _trainer(batches, sparse=False)
+    trainer.run()
+    assert "tau" not in trainer.state.output and "loss_equiv" in trainer.state.output
