@@ -12,4 +12,4 @@ handlers    Ignite handlers: TensorBoard attention maps, model export
 """
 
 # config expressions ("$custom.data.list_ids(...)") need the submodules loaded by `import custom`
-from custom import data, engine, handlers, losses, monuseg, networks, transforms  # noqa: E402,F401
+from custom import data, engine, handlers, losses, monuseg, networks, transforms  # noqa: F401

@@ -23,14 +23,14 @@ from torch.utils.data import Dataset, Sampler
 from custom.transforms import reinhard_stats
 
 __all__ = [
-    "list_ids",
-    "load_rgb",
-    "downsample",
-    "MultiMagnificationDataset",
-    "BalancedMagnificationBatchSampler",
-    "reinhard_target",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BalancedMagnificationBatchSampler",
+    "MultiMagnificationDataset",
+    "downsample",
+    "list_ids",
+    "load_rgb",
+    "reinhard_target",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["AttentionMapTensorBoardHandler", "ExportAttentionNetwork", "BatchSamplerEpochHandler", "unwrap"]
+__all__ = ["AttentionMapTensorBoardHandler", "BatchSamplerEpochHandler", "ExportAttentionNetwork", "unwrap"]
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

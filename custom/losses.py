@@ -4,10 +4,10 @@ equivariance (eq. 4). Attention maps are ``(B, 1, H, W)`` in [0, 1]."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["smoothness_loss", "equivariance_loss", "ScaleAttentionLoss"]
+__all__ = ["ScaleAttentionLoss", "equivariance_loss", "smoothness_loss"]
 
 
 def smoothness_loss(attention: torch.Tensor) -> torch.Tensor:

@@ -44,11 +44,11 @@ from PIL import Image
 __all__ = [
     "MONUSEG_ARCHIVES",
     "MONUSEG_SPLITS",
-    "xml_to_instance_map",
     "convert_monuseg",
-    "prepare_monuseg",
-    "has_prepared_data",
     "ensure_monuseg",
+    "has_prepared_data",
+    "prepare_monuseg",
+    "xml_to_instance_map",
 ]
 
 # Official archives (Google Drive files linked from https://monuseg.grand-challenge.org/Data/).

@@ -10,19 +10,19 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 from monai.networks.nets import resnet34
+from torch import nn
 
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
 __all__ = [
-    "PercentileSigmoid",
-    "DilatedResidualBlock",
     "AttentionNet",
-    "scale_classifier",
+    "DilatedResidualBlock",
+    "PercentileSigmoid",
     "ScaleAttentionModel",
     "autocast_context",
     "load_attention_weights",
+    "scale_classifier",
 ]
 
 PAPER_DILATIONS = (1, 2, 3, 5, 10, 20)

@@ -19,15 +19,15 @@ from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 __all__ = [
     "DIHEDRAL_NAMES",
     "EQUIVARIANCE_TRANSFORMS",
+    "RandDihedral",
+    "RandDihedrald",
+    "RandHEDJitter",
+    "RandHEDJitterd",
+    "ReinhardNormalize",
+    "ReinhardNormalized",
     "dihedral",
     "dihedral_inverse",
     "reinhard_stats",
-    "ReinhardNormalize",
-    "ReinhardNormalized",
-    "RandHEDJitter",
-    "RandHEDJitterd",
-    "RandDihedral",
-    "RandDihedrald",
 ]
 
 # The eight elements of the dihedral group D4 acting on the last two axes (H, W).

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.losses import ScaleAttentionLoss  # noqa: E402
-from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier  # noqa: E402
+from custom.losses import ScaleAttentionLoss
+from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 
 MODES = {"fp32": (None, False), "bf16+channels_last": ("bfloat16", True)}
 

@@ -24,8 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.data import downsample, list_ids, load_rgb  # noqa: E402
-from custom.networks import autocast_context, load_attention_weights  # noqa: E402
+from custom.data import downsample, list_ids, load_rgb
+from custom.networks import autocast_context, load_attention_weights
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import fire  # noqa: E402
+import fire
 
-from custom.monuseg import ensure_monuseg, has_prepared_data, prepare_monuseg  # noqa: E402
+from custom.monuseg import ensure_monuseg, has_prepared_data, prepare_monuseg
 
 
 def prepare(out_dir: str, raw_dir: str | None = None, download: bool = False, archive: str = "train") -> None:

@@ -1,5 +1,5 @@
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from torch.utils.tensorboard import SummaryWriter
 
 from custom.data import BalancedMagnificationBatchSampler

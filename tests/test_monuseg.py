@@ -18,8 +18,8 @@ MONUSEG = REPO.parent / "shared" / "data" / "monuseg"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from custom import monuseg  # noqa: E402
-from custom.monuseg import (  # noqa: E402
+from custom import monuseg
+from custom.monuseg import (
     MONUSEG_ARCHIVES,
     convert_monuseg,
     ensure_monuseg,

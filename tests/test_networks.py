@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from custom.networks import AttentionNet, PercentileSigmoid, ScaleAttentionModel, autocast_context, scale_classifier
 from custom.losses import ScaleAttentionLoss
+from custom.networks import AttentionNet, PercentileSigmoid, ScaleAttentionModel, autocast_context, scale_classifier
 
 
 def test_batch_tau_matches_numpy_percentile():
