@@ -151,8 +151,8 @@ class MultiMagnificationDataset(Dataset):
         self.views: list[list[np.ndarray]] = []  # views[m][i]: (3, h, w) uint8
         for image_id in self.ids:
             self.base_images.append(load_rgb(Path(dataset_dir) / "images" / f"{image_id}.png"))
+        chw = [np.ascontiguousarray(np.moveaxis(img, -1, 0)) for img in self.base_images]
         for m in self.magnifications:
-            chw = [np.ascontiguousarray(np.moveaxis(img, -1, 0)) for img in self.base_images]
             self.views.append([downsample(img, base_magnification / m) for img in chw])
         self.crops: list[tuple[int, int, int, int]] | None = None
         if fixed_crops is not None:
