@@ -9,7 +9,10 @@ data        prepared-layout reading, multi-magnification datasets, balanced batc
 monuseg     MoNuSeg download and XML-to-label conversion
 engine      the training iteration run by MONAI's SupervisedTrainer
 handlers    Ignite handlers: TensorBoard attention maps, model export
+inference   whole-image attention inference: exact tiling, test-time augmentation
+postprocess attention map -> nucleus instances (the paper's watershed), transform + handler
+metrics     AJI, AHD, ADC (the authors' definitions), AJI+, PQ, F1 as MONAI/Ignite metrics
 """
 
 # config expressions ("$custom.data.list_ids(...)") need the submodules loaded by `import custom`
-from custom import data, engine, handlers, losses, monuseg, networks, transforms  # noqa: F401
+from custom import data, engine, handlers, inference, losses, metrics, monuseg, networks, postprocess, transforms  # noqa: F401

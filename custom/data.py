@@ -27,10 +27,13 @@ __all__ = [
     "IMAGENET_STD",
     "BalancedMagnificationBatchSampler",
     "MultiMagnificationDataset",
+    "PreparedImageDataset",
     "downsample",
     "list_ids",
+    "load_label",
     "load_rgb",
     "reinhard_target",
+    "stain_target_of",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,6 +90,61 @@ def load_rgb(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot be read as an image ({e}).") from e
+
+
+def load_label(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an instance map (0 = background, one id per nucleus) as int32 ``(H, W)``.
+
+    Args:
+        path: a single-channel integer PNG/TIFF (uint8/uint16/int32).
+        shape: the ``(H, W)`` it must have (that of its image), or None.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read as a label image ({e}).") from e
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: a label must be a single-channel integer image, got {arr.dtype} of shape {arr.shape}.")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{path}: label is {arr.shape[0]}x{arr.shape[1]} but its image is {shape[0]}x{shape[1]}.")
+    return arr.astype(np.int32)
+
+
+class PreparedImageDataset(Dataset):
+    """Whole images of a prepared dataset, for inference and evaluation.
+
+    Items are ``{"image": uint8 (3, H, W), "id": str}`` plus, with ``labels=True``,
+    ``"label": int32 (1, H, W)`` (the instance map). ``transform`` is applied to each item.
+
+    Args:
+        dataset_dir: prepared layout (``images/<id>.png``, ``labels/<id>.png``).
+        ids: image ids (see :func:`list_ids`).
+        labels: also load the instance maps (a missing label is an error).
+        transform: a callable on the item dict (e.g. a MONAI ``Compose``).
+    """
+
+    def __init__(self, dataset_dir: str | Path, ids: Sequence[str], labels: bool = True, transform: Callable | None = None):
+        self.root, self.ids, self.labels, self.transform = Path(dataset_dir), list(ids), bool(labels), transform
+        if labels:
+            missing = [i for i in self.ids if not (self.root / "labels" / f"{i}.png").is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{self.root / 'labels'}: {len(missing)} images have no label (e.g. {missing[:3]}); "
+                    "evaluation needs labels/<id>.png for every image."
+                )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        i = self.ids[index]
+        image = np.ascontiguousarray(np.moveaxis(load_rgb(self.root / "images" / f"{i}.png"), -1, 0))
+        item = {"image": image, "id": i}
+        if self.labels:
+            item["label"] = load_label(self.root / "labels" / f"{i}.png", image.shape[1:])[None]
+        return self.transform(item) if self.transform is not None else item
 
 
 def downsample(image: np.ndarray, factor: float) -> np.ndarray:
@@ -257,3 +315,20 @@ def reinhard_target(
         return reinhard_stats([load_rgb(reference)], brightness_percentile)
     return reinhard_stats(images, brightness_percentile)
 
+
+
+def stain_target_of(network, source: str = "the model") -> tuple[list, list]:
+    """The Reinhard target ``(LAB means, LAB stds)`` stored in an attention network's
+    state (``network.stain_target``), for normalising new images as in training.
+
+    Raises:
+        ValueError: naming ``source`` when the weights carry no stain target (exported
+        before it was stored): re-export them with ``scripts/tune_postprocess.py``.
+    """
+    target = getattr(network, "stain_target", None)
+    if not target or len(target) != 2:
+        raise ValueError(
+            f"{source}: the weights carry no Reinhard stain target; re-export them with scripts/tune_postprocess.py "
+            "(which stores the training images' target) or train with this version of the bundle."
+        )
+    return target[0], target[1]

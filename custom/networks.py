@@ -7,21 +7,30 @@ logits and maps ``(B, 1, H, W)``; scale logits ``(B, num_magnifications)``.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from monai.networks.nets import resnet34
 from torch import nn
 
+from custom.data import IMAGENET_MEAN, IMAGENET_STD
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
+
+# Ruifrok & Johnston colour deconvolution: optical density (RGB) -> hematoxylin (skimage's hed_from_rgb[:, 0])
+_HEMATOXYLIN_FROM_OD = (1.87798274, -0.06590806, -0.60190736)
+STAIN_PRIORS = ("none", "input", "logit")
 
 __all__ = [
     "AttentionNet",
     "DilatedResidualBlock",
+    "HematoxylinDensity",
     "PercentileSigmoid",
     "ScaleAttentionModel",
     "autocast_context",
     "load_attention_weights",
+    "save_attention_network",
     "scale_classifier",
 ]
 
@@ -129,6 +138,27 @@ class DilatedResidualBlock(nn.Module):
         return self.relu(self.body(x) + x)
 
 
+class HematoxylinDensity(nn.Module):
+    """Hematoxylin optical density (colour deconvolution, Ruifrok & Johnston) of an
+    ImageNet-normalised RGB batch: ``(B, 3, H, W)`` -> ``(B, 1, H, W)``, in OD units
+    (about 0.2-0.8 on nuclei, below 0.3 elsewhere on stain-normalised H&E). Per pixel,
+    no learnable parameters, so it tiles exactly.
+
+    Args:
+        mean, std: the normalisation applied to the input (undone here to get RGB in [0, 1]).
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("weights", torch.tensor(_HEMATOXYLIN_FROM_OD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = (x.float() * self.std + self.mean).clamp(1e-6, 1.0)
+        return (-torch.log(rgb) * self.weights).sum(1, keepdim=True)
+
+
 class AttentionNet(nn.Module):
     """The attention network F: a full-resolution dilated residual FCN.
 
@@ -136,11 +166,26 @@ class AttentionNet(nn.Module):
     per dilation (paper: 1, 2, 3, 5, 10, 20, receptive field ~170 px); conv1x1
     (width -> 1, bias) gives the logit map ``a``; :class:`PercentileSigmoid` gives ``A``.
 
+    An optional stain prior (not in the paper; no labels involved) tells F where the
+    hematoxylin is (:class:`HematoxylinDensity` ``h``, needs ``in_channels=3`` RGB):
+
+    - ``"input"``: ``h`` is a fourth input channel of the stem;
+    - ``"logit"``: ``a = F(I) + stain_prior_gain * h``, and F's head starts at zero, so
+      training starts from the hematoxylin map and learns a correction to it.
+
     Args:
         in_channels: input channels (3 for RGB).
         width: feature channels (paper: 64).
         dilations: one residual block per entry.
         eta, r, momentum, sparse: see :class:`PercentileSigmoid`.
+        stain_prior: "none" (the paper), "input" or "logit".
+        stain_prior_gain: weight of ``h`` in the logits for ``"logit"`` (logit units per OD unit).
+        stain_target: the Reinhard target ``(LAB means, LAB stds)`` the network was trained
+            with, kept in its state dict so inference normalises new images the same way.
+
+    Besides weights and BatchNorm statistics, the state dict carries (as ``_extra_state``)
+    ``stain_target`` and ``postprocess``: the post-processing parameters tuned on the
+    validation images (``scripts/tune_postprocess.py``), empty until tuned.
     """
 
     def __init__(
@@ -152,21 +197,54 @@ class AttentionNet(nn.Module):
         r: float = 20.0,
         momentum: float = 0.1,
         sparse: bool = True,
+        stain_prior: str = "none",
+        stain_prior_gain: float = 1.0,
+        stain_target: Sequence[Sequence[float]] | None = None,
     ):
         super().__init__()
         if width < 1 or in_channels < 1:
             raise ValueError(f"width and in_channels must be >= 1, got width={width}, in_channels={in_channels}.")
+        if stain_prior not in STAIN_PRIORS:
+            raise ValueError(f"stain_prior must be one of {STAIN_PRIORS}, got {stain_prior!r}.")
+        if stain_prior != "none" and in_channels != 3:
+            raise ValueError(f"stain_prior={stain_prior!r} needs RGB input (in_channels=3), got in_channels={in_channels}.")
         self.in_channels, self.width, self.dilations = in_channels, width, tuple(int(d) for d in dilations)
+        self.stain_prior, self.stain_prior_gain = stain_prior, float(stain_prior_gain)
+        self.hematoxylin = HematoxylinDensity() if stain_prior != "none" else None
+        stem_in = in_channels + (1 if stain_prior == "input" else 0)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            nn.Conv2d(stem_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
         self.blocks = nn.Sequential(*[DilatedResidualBlock(width, d) for d in self.dilations])
         self.head = nn.Conv2d(width, 1, 1, bias=True)
+        if stain_prior == "logit":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         self.activation = PercentileSigmoid(eta=eta, r=r, momentum=momentum, sparse=sparse)
+        self.stain_target = None if stain_target is None else [[float(v) for v in stain_target[0]], [float(v) for v in stain_target[1]]]
+        self.postprocess: dict = {}
+
+    def get_extra_state(self) -> dict:
+        return {"stain_target": self.stain_target, "postprocess": dict(self.postprocess)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.stain_target = state.get("stain_target")
+        self.postprocess = dict(state.get("postprocess") or {})
+
+    @property
+    def receptive_radius(self) -> int:
+        """Pixels of context each output pixel sees on each side (stem 1, each block 2 d)."""
+        return 1 + 2 * sum(self.dilations)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Attention logits ``a``: ``(B, in_channels, H, W)`` -> ``(B, 1, H, W)``."""
-        return self.head(self.blocks(self.stem(x)))
+        if self.stain_prior == "input":
+            h = self.hematoxylin(x).to(x.dtype)
+            return self.head(self.blocks(self.stem(torch.cat([x, h], dim=1))))
+        a = self.head(self.blocks(self.stem(x)))
+        if self.stain_prior == "logit":
+            a = a + self.stain_prior_gain * self.hematoxylin(x).to(a.dtype)
+        return a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attention map ``A`` in [0, 1]: ``(B, in_channels, H, W)`` -> ``(B, 1, H, W)``."""
@@ -262,6 +340,25 @@ class ScaleAttentionModel(nn.Module):
         return out
 
 
+def save_attention_network(net: AttentionNet, path: str | os.PathLike) -> Path:
+    """Write F's state dict (weights, BatchNorm statistics, running tau, stain target and
+    tuned post-processing) to ``path`` atomically (temporary name, then rename).
+
+    Raises:
+        FloatingPointError: when a weight or buffer is NaN/Inf (nothing is written).
+    """
+    state = {k: (v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v) for k, v in net.state_dict().items()}
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"not exporting {path}: non-finite values in {bad[:3]}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
     """Load F's weights and running tau from ``path`` into ``net`` (in place) and return it.
 
@@ -273,5 +370,14 @@ def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
         state = {k[len("attention."):]: v for k, v in state["network"].items() if k.startswith("attention.")}
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: holds no attention-network weights (expected model.pt or a training checkpoint).")
-    net.load_state_dict(state)
+    if "_extra_state" not in state:  # saved before stain target / post-processing were stored: keep the net's own
+        state = {**state, "_extra_state": net.get_extra_state()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: does not fit this attention network (width={net.width}, dilations={net.dilations}, "
+            f"stain_prior={net.stain_prior!r}): {str(e).splitlines()[0]} Set --width/--dilations/--stain_prior to the "
+            "values it was trained with."
+        ) from e
     return net

@@ -1,0 +1,188 @@
+"""Tune the post-processing on the validation images (paper 3.4), never on test labels.
+
+The attention maps of the chosen images are computed once with the evaluation
+workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
+then the threshold, marker footprint radius, blur sigma and minimum size are searched
+by coordinate ascent on mean AJI (the authors' definition), starting from the paper's
+values. The result is written
+
+- into a config override (``--out_config``) that ``evaluate.json`` layers on, and
+- with ``--write_model``, into the model file itself (``postprocess`` in its state,
+  with the Reinhard stain target of the training images if the file lacks one), so
+  that inference and evaluation use the tuned values by default.
+
+Usage::
+
+    python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --write_model
+    python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --method hematoxylin_otsu \
+        --out_config bundle/configs/baselines/hematoxylin_otsu_tuned.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from custom.metrics import instance_metrics  # noqa: E402
+from custom.postprocess import attention_to_instances  # noqa: E402
+
+CONFIGS = REPO / "bundle" / "configs"
+PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_radius": 7, "min_size": 0}
+GRID = {
+    "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
+    "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
+    "min_size": [0, 10, 20, 40, 80],
+}
+FORBIDDEN_SPLITS = ("test",)
+
+_MAPS: list = []
+
+
+def _init(maps):
+    global _MAPS
+    _MAPS = maps
+
+
+def _score(params: dict) -> float:
+    """Mean AJI over the cached (attention, label) pairs."""
+    return float(np.mean([instance_metrics(gt, attention_to_instances(a, **params))["aji"] for a, gt in _MAPS]))
+
+
+def attention_maps(config_files: list[str], overrides: dict) -> tuple[list, object]:
+    """(attention (H, W), label (H, W)) for every image of the evaluation split, and the network."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    parser.update(overrides)
+    dataset, network, inferer = (parser.get_parsed_content(k) for k in ("eval#dataset", "eval#network", "eval#inferer"))
+    device = parser.get_parsed_content("device")
+    maps = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            t0 = time.time()
+            a = inferer(torch.as_tensor(item["image"])[None].to(device), network)[0, 0].float().cpu().numpy()
+            maps.append((a, np.asarray(item["label"])[0].astype(np.int64)))
+            print(f"attention {dataset.ids[i]}: {time.time() - t0:.1f} s", flush=True)
+    return maps, network
+
+
+def main(
+    dataset_dir: str,
+    split: str = "val",
+    method: str = "model",
+    checkpoint: str | None = None,
+    tta: bool = True,
+    rounds: int = 2,
+    workers: int = 2,
+    out_config: str | None = None,
+    write_model: bool = False,
+    train_split: str = "train",
+):
+    """Search the post-processing parameters on ``split`` of ``dataset_dir``.
+
+    Args:
+        dataset_dir: prepared dataset with labels.
+        split: the tuning split (validation ids); "test" is refused.
+        method: "model" or a baseline name (``bundle/configs/baselines/<name>.json``).
+        checkpoint: model weights (default: the bundle's ``models/model.pt``).
+        tta: test-time augmentation for the attention maps, as at evaluation.
+        rounds: passes of coordinate ascent over the 4 parameters.
+        workers: processes for the search.
+        out_config: where to write the override (default: ``bundle/configs/postprocess_tuned.json``
+            for the model, ``bundle/configs/baselines/<method>_tuned.json`` for a baseline).
+        write_model: also store the values (and a missing stain target) in the model file.
+        train_split: the split whose images define the stain target if the model lacks one.
+    """
+    if split in FORBIDDEN_SPLITS:
+        raise SystemExit(f"split={split!r}: tuning on test labels is not allowed; tune on the validation split.")
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+    if method != "model":
+        baseline = CONFIGS / "baselines" / f"{method}.json"
+        if not baseline.is_file():
+            raise SystemExit(f"--method {method!r}: no {baseline}; use 'model' or one of "
+                             f"{sorted(p.stem for p in (CONFIGS / 'baselines').glob('*.json') if not p.stem.endswith('_tuned'))}.")
+        files.append(str(baseline))
+    overrides = {"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": bool(tta) and method == "model"}
+    if checkpoint:
+        overrides["checkpoint"] = checkpoint
+    model_path = None
+    if method == "model":
+        from monai.bundle import ConfigParser
+
+        p = ConfigParser()
+        p.read_config(files)
+        p.update(overrides)
+        model_path = Path(p.get_parsed_content("checkpoint"))
+        if write_model:  # make sure the file carries its stain target before the evaluation reads it
+            _ensure_stain_target(p, model_path, dataset_dir, train_split)
+    maps, network = attention_maps(files, overrides)
+
+    best = dict(PAPER)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
+        best_score = pool.submit(_score, best).result()
+        print(f"paper's parameters: AJI {best_score:.4f}", flush=True)
+        start = best_score
+        for r in range(rounds):
+            changed = False
+            for name, values in GRID.items():
+                if method != "model" and name == "threshold":
+                    continue  # a baseline's map is binary
+                trials = [dict(best, **{name: v}) for v in values]
+                scores = list(pool.map(_score, trials))
+                k = int(np.argmax(scores))
+                if scores[k] > best_score + 1e-6:
+                    best, best_score, changed = trials[k], scores[k], True
+                print(f"round {r + 1} {name}: " + ", ".join(f"{v}={s:.4f}" for v, s in zip(values, scores))
+                      + f" -> {best[name]}", flush=True)
+            if not changed:
+                break
+    print(f"tuned on {len(maps)} {split} images: AJI {start:.4f} -> {best_score:.4f} with {best}")
+
+    out = Path(out_config) if out_config else (
+        CONFIGS / "postprocess_tuned.json" if method == "model" else CONFIGS / "baselines" / f"{method}_tuned.json")
+    override = {f"eval#postprocess_params#{k}": v for k, v in best.items()}
+    if method != "model":
+        override["method"] = f"{method}_tuned"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(override, indent=4) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    if write_model and model_path is not None:
+        from custom.networks import save_attention_network
+
+        network.postprocess = dict(best, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": bool(tta)})
+        save_attention_network(network, model_path)
+        print(f"stored the tuned parameters in {model_path}")
+    return best
+
+
+def _ensure_stain_target(parser, model_path: Path, dataset_dir: str, train_split: str) -> None:
+    from custom.data import list_ids, load_rgb, reinhard_target
+    from custom.networks import load_attention_weights, save_attention_network
+
+    net = load_attention_weights(parser.get_parsed_content("network_def", instantiate=True), str(model_path))
+    if net.stain_target:
+        return
+    ids = list_ids(dataset_dir, split=train_split)
+    images = [load_rgb(Path(dataset_dir) / "images" / f"{i}.png") for i in ids]
+    means, stds = reinhard_target(images, parser.get_parsed_content("reinhard_reference"), parser.get_parsed_content("brightness_percentile"))
+    net.stain_target = [means, stds]
+    save_attention_network(net, model_path)
+    print(f"{model_path}: stored the Reinhard target of the {len(ids)} {train_split} images")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

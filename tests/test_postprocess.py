@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor, decollate_batch
+from monai.engines import SupervisedEvaluator
+from monai.handlers import PostProcessing
+from monai.transforms import Compose
+
+from custom.inference import TiledAttentionInferer
+from custom.networks import AttentionNet
+from custom.postprocess import (
+    AttentionToInstances,
+    AttentionToInstancesd,
+    InstanceSegmentationHandler,
+    attention_to_instances,
+    mask_to_instances,
+)
+
+
+def _discs(shape=(64, 80), centres=((32, 29), (32, 51)), radius=12) -> np.ndarray:
+    """Attention 1 inside the discs, 0 outside (float32)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    out = np.zeros(shape, np.float32)
+    for cy, cx in centres:
+        out[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = 1.0
+    return out
+
+
+def _assert_consecutive(labels: np.ndarray) -> None:
+    assert labels.dtype == np.int32
+    assert set(np.unique(labels)) - {0} == set(range(1, labels.max() + 1))
+
+
+def test_two_touching_discs_are_split():
+    attention = _discs()  # centres 22 px apart, radius 12: the discs overlap by 2 px
+    labels = attention_to_instances(attention)
+    assert labels.shape == attention.shape
+    _assert_consecutive(labels)
+    assert labels.max() == 2
+    disc_area = (_discs(centres=((32, 29),)) > 0).sum()
+    areas = np.bincount(labels.ravel())[1:]
+    assert np.all(np.abs(areas - disc_area) <= 0.1 * disc_area), (areas, disc_area)
+    # each instance is on its own side of the line between the centres
+    cols = [np.nonzero(labels == i)[1].mean() for i in (1, 2)]
+    assert sorted(round(c) for c in cols) == [29, 51]
+
+
+def test_channel_first_and_torch_inputs():
+    attention = _discs()
+    ref = attention_to_instances(attention)
+    np.testing.assert_array_equal(attention_to_instances(attention[None]), ref)
+    np.testing.assert_array_equal(attention_to_instances(torch.as_tensor(attention)[None]), ref)
+    np.testing.assert_array_equal(attention_to_instances(torch.as_tensor(attention, dtype=torch.bfloat16)), ref)
+
+
+def test_empty_and_full_attention():
+    empty = attention_to_instances(np.zeros((40, 50), np.float32))
+    assert empty.shape == (40, 50) and empty.max() == 0 and empty.dtype == np.int32
+    full = attention_to_instances(np.ones((40, 50), np.float32))
+    assert full.shape == (40, 50)
+    _assert_consecutive(full)
+    assert full.max() >= 1 and (full > 0).all()
+
+
+def test_morphology_removes_speck_and_min_size_removes_small_blob():
+    attention = _discs(centres=((20, 20),), radius=8)
+    attention[50, 60] = 1.0  # 1-pixel speck: removed by the opening
+    labels = attention_to_instances(attention)
+    assert labels.max() == 1 and labels[50, 60] == 0
+    kept = attention_to_instances(attention, morphology_radii=())
+    assert kept.max() == 2 and kept[50, 60] > 0
+    # a 5 x 5 blob survives the morphology but not min_size=50
+    attention[45:50, 55:60] = 1.0
+    assert attention_to_instances(attention).max() == 2
+    filtered = attention_to_instances(attention, min_size=50)
+    _assert_consecutive(filtered)
+    assert filtered.max() == 1 and filtered[47, 57] == 0 and filtered[20, 20] == 1
+
+
+def test_threshold_is_respected():
+    attention = 0.6 * _discs(centres=((20, 20),), radius=8) + 0.3 * _discs(centres=((20, 50),), radius=8)
+    assert attention_to_instances(attention).max() == 1  # only the 0.6 disc is above 0.5
+    assert attention_to_instances(attention, threshold=0.2).max() == 2
+    assert attention_to_instances(attention, threshold=0.7).max() == 0
+
+
+def test_nucleus_close_to_a_larger_one_is_kept():
+    # a small disc 2 px from a large one has no maximum of its own within disk(7) (the large
+    # disc is deeper there): it is kept as an instance unless fill_unmarked=False (the authors' code)
+    large = _discs(shape=(60, 80), centres=((30, 25),), radius=14)
+    attention = np.maximum(large, _discs(shape=(60, 80), centres=((30, 44),), radius=2))
+    labels = attention_to_instances(attention)
+    assert labels.max() == 2 and labels[30, 44] > 0 and labels[30, 44] != labels[30, 25]
+    authors = attention_to_instances(attention, fill_unmarked=False)
+    assert authors.max() == 1 and authors[30, 44] == 0
+
+
+def test_mask_to_instances_matches_attention_path():
+    attention = _discs()
+    np.testing.assert_array_equal(mask_to_instances(attention > 0.5), attention_to_instances(attention))
+    np.testing.assert_array_equal(mask_to_instances((attention > 0.5).astype(np.uint8)), attention_to_instances(attention))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"morphology_radii": 2}, "morphology_radii"),
+        ({"morphology_radii": (2, -1)}, "morphology_radii"),
+        ({"morphology_radii": (1.5,)}, "morphology_radii"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"footprint_radius": 0}, "footprint_radius"),
+        ({"min_size": -3}, "min_size"),
+    ],
+)
+def test_invalid_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        attention_to_instances(np.zeros((8, 8), np.float32), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        AttentionToInstances(**kwargs)
+
+
+def test_invalid_inputs():
+    with pytest.raises(ValueError, match=r"attention must have shape \(H, W\) or \(1, H, W\)"):
+        attention_to_instances(np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        attention_to_instances(np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        mask_to_instances(np.zeros((1, 1, 8, 8)))
+    with pytest.raises(ValueError, match="output_key"):
+        AttentionToInstancesd(keys=["a", "b"], output_key="x")
+
+
+def test_array_transform_keeps_type_and_channel():
+    attention = _discs()
+    out = AttentionToInstances()(MetaTensor(torch.as_tensor(attention)[None], meta={"filename_or_obj": "x.png"}))
+    assert isinstance(out, MetaTensor) and out.shape == (1, 64, 80) and out.dtype == torch.int32
+    assert out.meta["filename_or_obj"] == "x.png" and out.max().item() == 2
+    out_np = AttentionToInstances()(attention)
+    assert isinstance(out_np, np.ndarray) and out_np.shape == (64, 80) and out_np.dtype == np.int32
+
+
+def test_dict_transform_in_compose():
+    post = Compose([AttentionToInstancesd(keys="pred", min_size=10)])
+    d = post({"pred": torch.as_tensor(_discs())[None], "image": torch.zeros(3, 64, 80)})
+    assert d["pred_instances"].shape == (1, 64, 80) and d["pred_instances"].max().item() == 2
+    assert torch.equal(d["pred"], torch.as_tensor(_discs())[None])  # the attention is kept
+    d = AttentionToInstancesd(keys="pred", output_key="label_pred")({"pred": _discs()})
+    assert d["label_pred"].max() == 2
+
+
+def _engine_with_output(output_fn) -> Engine:
+    return Engine(lambda engine, batch: output_fn(batch))
+
+
+def test_handler_on_decollated_and_batch_outputs():
+    batch = torch.stack([torch.as_tensor(_discs())[None], torch.as_tensor(_discs(centres=((20, 20),), radius=8))[None]])
+    engine = _engine_with_output(lambda b: decollate_batch({"pred": b}))
+    InstanceSegmentationHandler(min_size=5).attach(engine)
+    engine.run([batch], max_epochs=1)
+    assert [item["pred_instances"].max().item() for item in engine.state.output] == [2, 1]
+    assert engine.state.output[0]["pred_instances"].shape == (1, 64, 80)
+    # a batch dict, with the attention nested as in the training model's output
+    engine = _engine_with_output(lambda b: {"pred": {"attention": b}})
+    InstanceSegmentationHandler(attention_key="pred", output_key="inst").attach(engine)
+    engine.run([batch], max_epochs=1)
+    inst = engine.state.output["inst"]
+    assert inst.shape == (2, 1, 64, 80) and inst.dtype == torch.int32
+    assert [inst[i].max().item() for i in range(2)] == [2, 1]
+
+
+@pytest.mark.parametrize("via_handler", [False, True])
+def test_monai_evaluator_postprocessing(via_handler):
+    # the bundle path: SupervisedEvaluator + TiledAttentionInferer + postprocessing transform
+    net = AttentionNet(width=2, dilations=(1,)).eval()
+    post = Compose([AttentionToInstancesd(keys="pred")])
+    kwargs = {"val_handlers": [PostProcessing(transform=post)]} if via_handler else {"postprocessing": post}
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=[{"image": torch.randn(2, 3, 24, 20)}],
+        network=net,
+        inferer=TiledAttentionInferer(roi_size=16, tta=False),
+        **kwargs,
+    )
+    evaluator.run()
+    out = evaluator.state.output
+    assert len(out) == 2
+    for item in out:
+        assert item["pred_instances"].shape == (1, 24, 20) and item["pred_instances"].dtype == torch.int32
+        np.testing.assert_array_equal(item["pred_instances"][0].numpy(), attention_to_instances(item["pred"]))
