@@ -2,6 +2,7 @@
 
 Modules
 -------
+config      boolean settings as they arrive from the command line
 networks    attention network F, percentile sigmoid, the F+G scale model
 losses      scale, smoothness and equivariance losses
 transforms  dihedral group, Reinhard colour transfer, HED jitter (array + dict pairs)
@@ -15,4 +16,4 @@ metrics     AJI, AHD, ADC (the authors' definitions), AJI+, PQ, F1 as MONAI/Igni
 """
 
 # config expressions ("$custom.data.list_ids(...)") need the submodules loaded by `import custom`
-from custom import data, engine, handlers, inference, losses, metrics, monuseg, networks, postprocess, transforms  # noqa: F401
+from custom import config, data, engine, handlers, inference, losses, metrics, monuseg, networks, postprocess, transforms  # noqa: F401

@@ -20,6 +20,7 @@ from PIL import Image
 from skimage.transform import resize
 from torch.utils.data import Dataset, Sampler
 
+from custom.config import flag
 from custom.transforms import reinhard_stats
 
 __all__ = [
@@ -126,7 +127,7 @@ class PreparedImageDataset(Dataset):
     """
 
     def __init__(self, dataset_dir: str | Path, ids: Sequence[str], labels: bool = True, transform: Callable | None = None):
-        self.root, self.ids, self.labels, self.transform = Path(dataset_dir), list(ids), bool(labels), transform
+        self.root, self.ids, self.labels, self.transform = Path(dataset_dir), list(ids), flag(labels, "labels"), transform
         if labels:
             missing = [i for i in self.ids if not (self.root / "labels" / f"{i}.png").is_file()]
             if missing:

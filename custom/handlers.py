@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from custom.config import flag
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
 from custom.metrics import COUNT_NAMES, METRIC_NAMES, instance_metrics
 from custom.networks import save_attention_network
@@ -98,7 +99,7 @@ class ExportAttentionNetwork:
 
     def __init__(self, network: torch.nn.Module, filepath: str, epoch_level: bool = False, best_only: bool = False):
         self.network, self.filepath = network, str(filepath)
-        self.epoch_level, self.best_only = bool(epoch_level), bool(best_only)
+        self.epoch_level, self.best_only = flag(epoch_level, "epoch_level"), flag(best_only, "best_only")
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -223,7 +224,8 @@ class EvaluationReport:
 
         _write_atomic(self.output_dir / "per_image.csv", per_image)
         _write_atomic(self.output_dir / "summary.csv", summary_csv)
-        _write_atomic(self.output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+        strict = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}  # JSON has no NaN
+        _write_atomic(self.output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(strict, indent=2, default=str)))
 
 
 class OverlayWriter:
@@ -243,7 +245,12 @@ class OverlayWriter:
         self.image_key, self.pred_key, self.label_key, self.id_key = image_key, pred_key, label_key, id_key
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._clear)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _clear(self, engine: Engine) -> None:
+        for old in self.output_dir.glob("*.png"):  # overlays of a previous run must not mix with this one's
+            old.unlink()
 
     def __call__(self, engine: Engine) -> None:
         for k, (item, out) in enumerate(_items(engine)):

@@ -27,6 +27,7 @@ from monai.networks.utils import eval_mode
 from monai.utils import convert_to_dst_type
 from torch import nn
 
+from custom.config import flag
 from custom.networks import ScaleAttentionModel, autocast_context
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
@@ -105,7 +106,7 @@ class TiledAttentionInferer(Inferer):
         autocast_context("cpu", amp_dtype)  # validates the dtype name
         self.roi_size = (int(roi[0]), int(roi[1]))
         self.margin = None if margin is None else int(margin)
-        self.tta, self.amp_dtype, self.channels_last = bool(tta), amp_dtype, bool(channels_last)
+        self.tta, self.amp_dtype, self.channels_last = flag(tta, "tta"), amp_dtype, flag(channels_last, "channels_last")
 
     def _check_inputs(self, inputs, net: nn.Module) -> None:
         if not isinstance(inputs, torch.Tensor):

@@ -41,6 +41,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image
 
+from custom.config import flag
+
 __all__ = [
     "MONUSEG_ARCHIVES",
     "MONUSEG_SPLITS",
@@ -468,7 +470,7 @@ def ensure_monuseg(
     if has_prepared_data(root):
         return str(dataset_dir)
     fix = _FIX_HINT.format(root=root)
-    if not download:
+    if not flag(download, "download"):
         raise RuntimeError(
             f"{root}: holds no prepared MoNuSeg data (images/*.png), and downloading is disabled (download=False). {fix}"
         )

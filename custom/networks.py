@@ -15,6 +15,7 @@ import torch
 from monai.networks.nets import resnet34
 from torch import nn
 
+from custom.config import flag
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
@@ -79,7 +80,7 @@ class PercentileSigmoid(nn.Module):
             raise ValueError(f"r (sigmoid compression) must be > 0, got {r}.")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
-        self.eta, self.r, self.momentum, self.sparse = float(eta), float(r), float(momentum), bool(sparse)
+        self.eta, self.r, self.momentum, self.sparse = float(eta), float(r), float(momentum), flag(sparse, "sparse")
         self.register_buffer("running_tau", torch.zeros(()))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
         self.last_tau: torch.Tensor | None = None  # the tau of the latest call (None for plain sigmoid)
@@ -307,12 +308,12 @@ class ScaleAttentionModel(nn.Module):
     ):
         super().__init__()
         self.attention, self.classifier = attention, classifier
-        self.equivariance = bool(equivariance)
+        self.equivariance = flag(equivariance, "equivariance")
         self.equivariance_transforms = tuple(int(t) for t in equivariance_transforms)
         if self.equivariance and not self.equivariance_transforms:
             raise ValueError("equivariance is on but equivariance_transforms is empty.")
         autocast_context("cpu", amp_dtype)  # validates the name early
-        self.amp_dtype, self.channels_last = amp_dtype, bool(channels_last)
+        self.amp_dtype, self.channels_last = amp_dtype, flag(channels_last, "channels_last")
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 

@@ -37,6 +37,8 @@ from skimage.feature import peak_local_max
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from custom.config import flag
+
 __all__ = [
     "AttentionToInstances",
     "AttentionToInstancesd",
@@ -206,7 +208,7 @@ class AttentionToInstances(Transform):
             "sigma": sigma,
             "footprint_radius": footprint_radius,
             "min_size": min_size,
-            "fill_unmarked": bool(fill_unmarked),
+            "fill_unmarked": flag(fill_unmarked, "fill_unmarked"),
         }
 
     def __call__(self, img):

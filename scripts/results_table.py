@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from custom.config import flag  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +76,11 @@ def table(summaries: list[dict], paper: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _aji_key(summary: dict) -> float:
+    value = summary.get("aji")
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else -1.0
+
+
 def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None) -> None:
     """Print (and optionally write to ``out``) the comparison table.
 
@@ -86,9 +95,9 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
         if not paths:
             raise SystemExit("no bundle/eval/*/summary.json yet: run the evaluation first (README, 'Evaluate').")
     summaries = load_summaries(paths)
-    if sort:
-        summaries.sort(key=lambda s: -(s.get("aji") or 0.0))
-    text = table(summaries, paper)
+    if flag(sort, "--sort"):
+        summaries.sort(key=lambda s: -_aji_key(s))
+    text = table(summaries, flag(paper, "--paper"))
     if out:
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")

@@ -33,16 +33,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from custom.config import flag  # noqa: E402
 from custom.metrics import instance_metrics  # noqa: E402
 from custom.postprocess import attention_to_instances  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_radius": 7, "min_size": 0}
 GRID = {
-    "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
     "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
-    "min_size": [0, 10, 20, 40, 80],
+    "min_size": [0, 10, 20, 40, 80, 120, 160],
 }
 FORBIDDEN_SPLITS = ("test",)
 
@@ -84,6 +85,7 @@ def main(
     split: str = "val",
     method: str = "model",
     checkpoint: str | None = None,
+    config: str | None = None,
     tta: bool = True,
     rounds: int = 2,
     workers: int = 2,
@@ -98,6 +100,8 @@ def main(
         split: the tuning split (validation ids); "test" is refused.
         method: "model" or a baseline name (``bundle/configs/baselines/<name>.json``).
         checkpoint: model weights (default: the bundle's ``models/model.pt``).
+        config: an override file the model was trained with (e.g. ``bundle/configs/ablations/paper.json``),
+            layered on ``train.json`` so that the network matches the weights.
         tta: test-time augmentation for the attention maps, as at evaluation.
         rounds: passes of coordinate ascent over the 4 parameters.
         workers: processes for the search.
@@ -108,14 +112,14 @@ def main(
     """
     if split in FORBIDDEN_SPLITS:
         raise SystemExit(f"split={split!r}: tuning on test labels is not allowed; tune on the validation split.")
-    files = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+    files = [str(CONFIGS / "train.json"), *([str(config)] if config else []), str(CONFIGS / "evaluate.json")]
     if method != "model":
         baseline = CONFIGS / "baselines" / f"{method}.json"
         if not baseline.is_file():
             raise SystemExit(f"--method {method!r}: no {baseline}; use 'model' or one of "
                              f"{sorted(p.stem for p in (CONFIGS / 'baselines').glob('*.json') if not p.stem.endswith('_tuned'))}.")
         files.append(str(baseline))
-    overrides = {"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": bool(tta) and method == "model"}
+    overrides = {"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": flag(tta, "--tta") and method == "model"}
     if checkpoint:
         overrides["checkpoint"] = checkpoint
     model_path = None
@@ -126,7 +130,7 @@ def main(
         p.read_config(files)
         p.update(overrides)
         model_path = Path(p.get_parsed_content("checkpoint"))
-        if write_model:  # make sure the file carries its stain target before the evaluation reads it
+        if flag(write_model, "--write_model"):  # make sure the file carries its stain target before the evaluation reads it
             _ensure_stain_target(p, model_path, dataset_dir, train_split)
     maps, network = attention_maps(files, overrides)
 
@@ -160,13 +164,12 @@ def main(
     tmp.write_text(json.dumps(override, indent=4) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
-    if write_model and model_path is not None:
+    if flag(write_model, "--write_model") and model_path is not None:
         from custom.networks import save_attention_network
 
-        network.postprocess = dict(best, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": bool(tta)})
+        network.postprocess = dict(best, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": flag(tta, "--tta")})
         save_attention_network(network, model_path)
         print(f"stored the tuned parameters in {model_path}")
-    return best
 
 
 def _ensure_stain_target(parser, model_path: Path, dataset_dir: str, train_split: str) -> None:

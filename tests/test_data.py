@@ -97,3 +97,91 @@ def test_real_monuseg_pyramid():
     assert len(ids) == 19 and not set(ids) & set(list_ids(root, "val"))
     ds = MultiMagnificationDataset(root, ids[:1])
     assert [ds[i]["image"].shape for i in range(3)] == [(3, 250, 250), (3, 500, 500), (3, 1000, 1000)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# labels, whole-image dataset, stain target
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_load_label_types_and_values(tmp_path):
+    from PIL import Image
+
+    from custom.data import load_label
+
+    label = np.zeros((6, 5), np.uint16)
+    label[1:3, 1:3], label[4, 4] = 1000, 7  # ids above 255 survive
+    Image.fromarray(label).save(tmp_path / "u16.png")
+    out = load_label(tmp_path / "u16.png", (6, 5))
+    assert out.dtype == np.int32 and out.shape == (6, 5)
+    np.testing.assert_array_equal(out, label)
+    Image.fromarray(label.astype(np.uint8) % 200).save(tmp_path / "u8.png")
+    assert load_label(tmp_path / "u8.png").dtype == np.int32
+
+
+def test_load_label_errors_name_the_file(tmp_path):
+    from PIL import Image
+
+    from custom.data import load_label
+
+    Image.fromarray(np.zeros((6, 5), np.uint16)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="small.png") as info:
+        load_label(tmp_path / "small.png", (8, 5))
+    assert "6x5" in str(info.value) and "8x5" in str(info.value)
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="rgb.png.*single-channel"):
+        load_label(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((6, 5), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif.*integer"):
+        load_label(tmp_path / "float.tif")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="text.png"):
+        load_label(tmp_path / "text.png")
+
+
+def test_prepared_image_dataset_items(tmp_path):
+    from custom.data import PreparedImageDataset, load_label
+
+    root = make_prepared_dataset(tmp_path / "d", n_images=2, size=40)
+    ids = list_ids(root)
+    ds = PreparedImageDataset(root, ids)
+    assert len(ds) == 2
+    item = ds[1]
+    assert set(item) == {"image", "label", "id"} and item["id"] == ids[1]
+    assert item["image"].dtype == np.uint8 and item["image"].shape == (3, 40, 40)
+    assert item["label"].dtype == np.int32 and item["label"].shape == (1, 40, 40)
+    np.testing.assert_array_equal(np.moveaxis(item["image"], 0, -1), load_rgb(root / "images" / f"{ids[1]}.png"))
+    np.testing.assert_array_equal(item["label"][0], load_label(root / "labels" / f"{ids[1]}.png"))
+    assert item["label"].max() > 0
+    no_labels = PreparedImageDataset(root, ids, labels=False, transform=lambda d: {**d, "seen": True})
+    assert set(no_labels[0]) == {"image", "id", "seen"}
+
+
+def test_prepared_image_dataset_label_errors(tmp_path):
+    from PIL import Image
+
+    from custom.data import PreparedImageDataset
+
+    root = make_prepared_dataset(tmp_path / "d", n_images=2, size=40)
+    ids = list_ids(root)
+    (root / "labels" / f"{ids[0]}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=ids[0]):
+        PreparedImageDataset(root, ids)
+    assert len(PreparedImageDataset(root, ids, labels=False)) == 2  # labels not asked for: fine
+    Image.fromarray(np.zeros((20, 40), np.uint16)).save(root / "labels" / f"{ids[0]}.png")  # wrong size
+    ds = PreparedImageDataset(root, ids)
+    with pytest.raises(ValueError, match=f"{ids[0]}.png"):
+        ds[0]
+
+
+def test_stain_target_of():
+    from custom.data import stain_target_of
+    from custom.networks import AttentionNet
+
+    target = [[70.0, 10.0, -10.0], [15.0, 8.0, 6.0]]
+    means, stds = stain_target_of(AttentionNet(width=2, dilations=(1,), stain_target=target))
+    assert means == target[0] and stds == target[1]
+    with pytest.raises(ValueError, match="weights/model.pt.*stain target"):
+        stain_target_of(AttentionNet(width=2, dilations=(1,)), "weights/model.pt")
+    with pytest.raises(ValueError, match="stain target"):
+        stain_target_of(object())  # no stain_target attribute at all

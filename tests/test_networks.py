@@ -165,3 +165,135 @@ def test_load_attention_weights_from_model_or_checkpoint(tmp_path):
     torch.save({"network": {"classifier.fc.weight": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt"):
         load_attention_weights(AttentionNet(width=4), str(tmp_path / "other.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stain prior, hematoxylin density, extra state and the saved model file
+# ---------------------------------------------------------------------------------------------------------
+
+SMALL = {"width": 4, "dilations": (1, 2)}
+STAIN_TARGET = [[70.0, 10.0, -10.0], [15.0, 8.0, 6.0]]
+
+
+def _normalised(rgb) -> torch.Tensor:
+    """uint8-valued RGB (..., 3) -> ImageNet-normalised (1, 3, H, W)."""
+    from custom.data import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.as_tensor(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return ((x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
+
+
+@pytest.mark.parametrize("prior", ["none", "input", "logit"])
+def test_every_stain_prior_builds_and_keeps_shape(prior):
+    net = AttentionNet(stain_prior=prior, **SMALL)
+    assert net.stem[0].in_channels == (4 if prior == "input" else 3)
+    assert (net.hematoxylin is None) == (prior == "none")
+    x = torch.randn(2, 3, 19, 23)
+    assert net.train()(x).shape == (2, 1, 19, 23)
+    a = net.eval()(x)
+    assert a.shape == (2, 1, 19, 23) and torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+
+
+def test_stain_prior_arguments_are_checked():
+    with pytest.raises(ValueError, match="stain_prior"):
+        AttentionNet(stain_prior="hed", **SMALL)
+    with pytest.raises(ValueError, match="in_channels"):
+        AttentionNet(in_channels=1, stain_prior="logit", **SMALL)
+
+
+def test_logit_prior_starts_from_the_hematoxylin_map():
+    from custom.networks import HematoxylinDensity
+
+    torch.manual_seed(0)
+    gain = 2.5
+    net = AttentionNet(stain_prior="logit", stain_prior_gain=gain, **SMALL).eval()
+    assert not net.head.weight.any() and not net.head.bias.any()  # zero-initialised head
+    x = torch.randn(2, 3, 16, 16)
+    expected = gain * HematoxylinDensity()(x)
+    assert expected.abs().max() > 0.1  # the prior is not trivially zero on this input
+    torch.testing.assert_close(net.logits(x), expected, rtol=1e-6, atol=1e-6)
+    # the other priors do not start from the map: the plain network's head is random
+    assert not torch.allclose(AttentionNet(stain_prior="none", **SMALL).eval().logits(x), expected)
+
+
+def test_hematoxylin_density_white_and_purple():
+    from custom.networks import HematoxylinDensity
+
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0] = (255, 255, 255)
+    rgb[1] = (90, 50, 140)  # dark purple: a hematoxylin-stained nucleus
+    h = HematoxylinDensity()(_normalised(rgb))
+    assert h.shape == (1, 1, 2, 2)
+    assert h[0, 0, 0].abs().max() < 1e-4  # white: no optical density
+    assert h[0, 0, 1].min() > 0.3
+    pink = HematoxylinDensity()(_normalised(np.full((1, 1, 3), (235, 170, 200), np.uint8)))
+    assert pink.item() < h[0, 0, 1].min().item()  # eosin background has less hematoxylin than the nucleus
+
+
+def test_receptive_radius():
+    assert AttentionNet(width=4).receptive_radius == 1 + 2 * (1 + 2 + 3 + 5 + 10 + 20)
+    assert AttentionNet(**SMALL).receptive_radius == 7
+
+
+def test_extra_state_survives_save_and_load(tmp_path):
+    from custom.networks import load_attention_weights, save_attention_network
+
+    f = AttentionNet(stain_prior="logit", stain_target=STAIN_TARGET, **SMALL)
+    f.train()(torch.randn(2, 3, 16, 16))  # sets the running tau
+    f.postprocess = {"threshold": 0.35, "footprint_radius": 5, "min_size": 10, "tuned_on": {"split": "val", "n_images": 11}}
+    path = save_attention_network(f, tmp_path / "sub" / "model.pt")
+    assert path == tmp_path / "sub" / "model.pt" and path.is_file()
+    assert not (tmp_path / "sub" / "model.pt.tmp").exists()
+    g = load_attention_weights(AttentionNet(stain_prior="logit", **SMALL), str(path))
+    assert g.stain_target == STAIN_TARGET and g.postprocess == f.postprocess
+    assert torch.equal(g.stem[0].weight, f.stem[0].weight) and g.activation.running_tau == f.activation.running_tau != 0
+    # the same through a training checkpoint (F's keys, extra state included, under "attention.")
+    model = ScaleAttentionModel(f, scale_classifier(), channels_last=False)
+    torch.save({"network": model.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
+    h = load_attention_weights(AttentionNet(stain_prior="logit", **SMALL), str(tmp_path / "ckpt.pt"))
+    assert h.stain_target == STAIN_TARGET and h.postprocess == f.postprocess
+
+
+def test_state_without_extra_state_still_loads(tmp_path):
+    from custom.networks import load_attention_weights
+
+    f = AttentionNet(**SMALL)
+    f.train()(torch.randn(2, 3, 16, 16))
+    state = f.state_dict()
+    del state["_extra_state"]  # a file saved before the stain target was stored
+    torch.save(state, tmp_path / "old.pt")
+    g = load_attention_weights(AttentionNet(stain_target=STAIN_TARGET, **SMALL), str(tmp_path / "old.pt"))
+    assert torch.equal(g.head.weight, f.head.weight) and g.activation.running_tau == f.activation.running_tau
+    assert g.stain_target == STAIN_TARGET and g.postprocess == {}  # the network's own extra state is kept
+
+
+def test_wrong_width_names_the_file_and_width(tmp_path):
+    from custom.networks import load_attention_weights, save_attention_network
+
+    path = save_attention_network(AttentionNet(width=8, dilations=(1, 2)), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match="width") as info:
+        load_attention_weights(AttentionNet(**SMALL), str(path))
+    assert str(path) in str(info.value) and "width=4" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["head.bias", "activation.running_tau"])
+def test_save_refuses_non_finite_and_keeps_the_old_file(tmp_path, where):
+    from custom.networks import load_attention_weights, save_attention_network
+
+    f = AttentionNet(**SMALL)
+    fresh = tmp_path / "fresh.pt"
+    with torch.no_grad():
+        if where == "head.bias":
+            f.head.bias.fill_(float("nan"))
+        else:
+            f.activation.running_tau.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=where):
+        save_attention_network(f, fresh)
+    assert not fresh.exists() and not (tmp_path / "fresh.pt.tmp").exists()
+    # over an existing good file: it stays as it was
+    good = AttentionNet(**SMALL)
+    path = save_attention_network(good, tmp_path / "model.pt")
+    with pytest.raises(FloatingPointError):
+        save_attention_network(f, path)
+    g = load_attention_weights(AttentionNet(**SMALL), str(path))
+    assert torch.equal(g.head.weight, good.head.weight) and torch.isfinite(g.head.bias).all()

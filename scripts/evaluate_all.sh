@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Evaluate the shipped model, its ablations and the classical baselines on the
+# validation split with the bundle's own evaluator, then print the comparison table.
+#   scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR]
+# RUNS_DIR holds one folder per trained variant with its model.pt (default bundle/runs);
+# each variant's post-processing is tuned on the validation split first (stored in its model.pt).
+set -euo pipefail
+DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR]}
+RUNS=${2:-bundle/runs}
+C=bundle/configs
+PY=${PYTHON:-python}
+export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
+evaluate() {  # evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...
+  local method=$1; shift; local files="'$C/train.json','$C/evaluate.json'"
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do files="$files,'$1'"; shift; done; [ $# -gt 0 ] && shift
+  $PY -m monai.bundle run evaluating --config_file "[$files]" --dataset_dir "$DATA" --download false --method "$method" "$@"
+}
+# the shipped model, with its tuned post-processing and with the paper's
+evaluate model
+evaluate model_paper_postprocess -- --eval#tuned "{}"
+# classical baselines: the paper's post-processing, then tuned on validation like the model
+for b in hematoxylin_otsu hematoxylin_local; do
+  evaluate $b $C/baselines/$b.json
+  $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b
+  evaluate ${b}_tuned $C/baselines/$b.json $C/baselines/${b}_tuned.json
+done
+# trained variants (ablations), each tuned on validation the same way
+for d in "$RUNS"/*/; do
+  n=$(basename "$d"); [ -f "$d/model.pt" ] || continue; [ "$n" = train ] && continue
+  ablation=$C/ablations/$n.json; extra=(); [ -f "$ablation" ] && extra=("$ablation")
+  $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --checkpoint "$d/model.pt" --write_model \
+      --out_config "$d/postprocess_tuned.json" ${extra[@]:+--config "${extra[0]}"}
+  evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt"
+done
+$PY scripts/results_table.py

@@ -1,0 +1,182 @@
+"""End-to-end: the evaluation workflow (evaluate.json, baselines), and the tuning / table scripts, as a user runs them."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from monai.bundle import ConfigParser
+from PIL import Image
+
+from custom.networks import AttentionNet, save_attention_network
+from tests.conftest import REPO, make_prepared_dataset
+
+CONFIGS = REPO / "bundle" / "configs"
+STAIN_TARGET = [[70.0, 10.0, -10.0], [15.0, 8.0, 6.0]]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+# float32 and no channels-last: the bfloat16 autocast of the default config is slow on CPU
+FAST = ["--amp_dtype", "float32", "--channels_last", "False"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """3 synthetic 96 x 96 images with labels; splits.json puts 2 of them in "val"."""
+    root = make_prepared_dataset(tmp_path_factory.mktemp("eval") / "data", n_images=3, size=96)
+    assert len(json.loads((root / "splits.json").read_text())["val"]) == 2
+    return root
+
+
+def run_evaluation(bundle_root: Path, dataset: Path, *extra: str, baseline: str | None = None) -> subprocess.CompletedProcess:
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+    if baseline:
+        files.append(str(CONFIGS / "baselines" / f"{baseline}.json"))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]",
+           "--dataset_dir", str(dataset), "--bundle_root", str(bundle_root), "--download", "false", "--num_workers", "0", *extra]
+    return subprocess.run(cmd, check=False, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], check=False, cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+
+
+def tiny_model(path: Path, stain_target=STAIN_TARGET, postprocess: dict | None = None) -> Path:
+    """A width-4 attention network as the bundle's network_def builds it with --width 4 (stain prior "logit")."""
+    net = AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0)
+    net.stain_target = stain_target
+    net.postprocess = dict(postprocess or {})
+    return save_attention_network(net, path)
+
+
+def test_baseline_evaluation_writes_reports_and_overlays(tmp_path, dataset):
+    proc = run_evaluation(tmp_path / "bundle", dataset, baseline="hematoxylin_otsu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "bundle" / "eval" / "hematoxylin_otsu"
+    for name in ("per_image.csv", "summary.json", "summary.csv"):
+        assert (out / name).is_file(), name
+    val_ids = json.loads((dataset / "splits.json").read_text())["val"]
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == sorted(f"{i}.png" for i in val_ids)
+    assert Image.open(out / "overlays" / f"{val_ids[0]}.png").size == (96, 96)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "hematoxylin_otsu" and summary["n_images"] == 2
+    assert summary["settings"]["weights"] is None and summary["settings"]["split"] == "val"
+    assert summary["dice"] > 0.8  # purple disks on pink: the foreground is easy
+    assert summary["n_true"] > 0 and summary["n_pred"] > 0
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == val_ids
+    assert summary["aji"] == pytest.approx(np.mean([float(r["aji"]) for r in rows]))
+    assert summary["n_true"] == sum(int(float(r["n_true"])) for r in rows)
+
+
+def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
+    tuned = {"threshold": 0.6, "sigma": 0.5, "footprint_radius": 5, "min_size": 3}
+    model = tiny_model(tmp_path / "tiny.pt", postprocess=tuned)
+    # --inference_roi 64 < 96: the images are tiled
+    proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",
+                          "--inference_roi", "64", *FAST)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "bundle" / "eval" / "model"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "model" and summary["n_images"] == 2
+    assert summary["settings"]["weights"] == str(model) and summary["settings"]["tta"] is False
+    assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1]}  # the values stored in the model
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+def test_model_without_stain_target_is_refused(tmp_path, dataset):
+    model = tiny_model(tmp_path / "old.pt", stain_target=None)
+    proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",
+                          "--inference_roi", "64", *FAST)
+    assert proc.returncode != 0
+    assert "stain target" in proc.stdout + proc.stderr and str(model) in proc.stdout + proc.stderr
+    assert not list((tmp_path / "bundle").rglob("summary.json"))
+
+
+@pytest.mark.parametrize("value", [False, "false"], ids=["False", "lowercase-false"])
+def test_false_from_the_command_line_turns_tta_off(value):
+    """``monai.bundle run ... --tta false`` hands the config the string "false" (fire parses only Python literals),
+    and ``--tta False`` the bool; both must turn test-time augmentation off."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"tta": value, "channels_last": value})
+    inferer = parser.get_parsed_content("eval#inferer")
+    assert inferer.tta is False and inferer.channels_last is False
+
+
+def test_tune_postprocess_refuses_the_test_split(tmp_path, dataset):
+    proc = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--split", "test", "--out_config", str(tmp_path / "t.json"))
+    assert proc.returncode != 0
+    assert "test labels" in proc.stdout + proc.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _summary(folder: Path, method: str, aji: float, ahd=5.0) -> Path:
+    folder.mkdir(parents=True)
+    s = {"method": method, "n_images": 11, "aji": aji, "aji_plus": aji + 0.1, "dice": 0.7, "ahd": ahd, "pq": 0.4, "dq": 0.5,
+         "sq": 0.8, "precision": 0.6, "recall": 0.5, "f1": 0.55, "n_true": 900, "n_pred": 800, "settings": {"split": "val"}}
+    (folder / "summary.json").write_text(json.dumps(s))
+    return folder
+
+
+@pytest.fixture
+def two_summaries(tmp_path) -> tuple[Path, Path]:
+    return _summary(tmp_path / "weak", "weak_method", 0.2512), _summary(tmp_path / "strong", "strong_method", 0.4321)
+
+
+def _rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+
+
+def test_results_table_sorted_by_aji_with_paper_rows(tmp_path, two_summaries):
+    weak, strong = two_summaries
+    proc = run_script("results_table.py", str(weak), str(strong / "summary.json"), "--out", str(tmp_path / "table.md"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert rows[0].startswith("| strong_method | val (11) | 800 / 900 | 0.4321 | 5.00 |")
+    assert rows[1].startswith("| weak_method |")
+    assert [r.split(" | ")[0][2:] for r in rows[2:]] == [
+        "CellProfiler (paper)", "Fiji (paper)", "M_-WSI (paper)", "M_proposed (paper)", "CNN3, supervised (paper)"]
+    assert (tmp_path / "table.md").read_text().strip() == proc.stdout.strip()
+    unsorted = run_script("results_table.py", str(weak), str(strong), "--sort", "False", "--paper", "False")
+    assert [r.split(" | ")[0][2:] for r in _rows(unsorted.stdout)] == ["weak_method", "strong_method"]
+
+
+@pytest.mark.parametrize("flag", ["False", "false"])
+def test_results_table_without_paper_rows(two_summaries, flag):
+    proc = run_script("results_table.py", *map(str, two_summaries), "--paper", flag)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(paper)" not in proc.stdout
+    assert [r.split(" | ")[0][2:] for r in _rows(proc.stdout)] == ["strong_method", "weak_method"]
+
+
+def test_results_table_errors(tmp_path, two_summaries):
+    (tmp_path / "empty").mkdir()
+    proc = run_script("results_table.py", str(two_summaries[0]), str(tmp_path / "empty"))
+    assert proc.returncode != 0
+    assert "no summary.json" in proc.stderr and "empty" in proc.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "summary.json").write_text("{not json")
+    proc = run_script("results_table.py", str(bad))
+    assert proc.returncode != 0 and "not valid JSON" in proc.stderr
+
+
+def test_table_formats_missing_values(tmp_path):
+    spec = importlib.util.spec_from_file_location("results_table", REPO / "scripts" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.table([{"method": "m", "aji": 0.5, "ahd": float("nan")}], paper=False)
+    assert text.splitlines()[2] == "| m | ? (?) | ? / ? | 0.5000 | - | - | - | - | - |"
+    folder = _summary(tmp_path / "a", "a", 0.1)
+    assert [s["method"] for s in module.load_summaries([folder, folder / "summary.json"])] == ["a", "a"]
