@@ -24,8 +24,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.data import downsample, list_ids, load_rgb
-from custom.networks import autocast_context, load_attention_weights
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,61 +31,67 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
 
 
-def attention(model: str, dataset_dir: str, split: str = "val", n: int = 3, out: str = "bundle/docs/images/attention_val.png",
-              config_file: str = str(REPO / "bundle/configs/train.json"), magnification: float = 40, width: int | None = None,
-              ids=None) -> None:
-    """Attention maps of whole images of ``split``; draws the first ``n``, prints Dice for all.
-    ``model`` is an exported ``model.pt`` or a training checkpoint."""
+def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: str = "data/monuseg", split: str = "val", n: int = 3,
+              out: str = "bundle/docs/images/attention_val.png", config: str | None = None, tta: bool = True, ids=None,
+              crop: int = 400) -> None:
+    """Attention maps and nucleus instances of whole images of ``split``, through the
+    evaluation workflow's own preprocessing, inferer and (tuned) post-processing;
+    draws the first ``n`` (a ``crop`` x ``crop`` corner of each), prints Dice for all.
+
+    Args:
+        model: an exported ``model.pt`` (or training checkpoint) carrying its stain target.
+        config: an override the model was trained with (e.g. an ablation file).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from monai.bundle import ConfigParser
-    from monai.transforms import Compose
-    from PIL import Image
     from skimage.segmentation import find_boundaries
 
+    from custom.config import flag
+    from custom.metrics import instance_metrics
+
     parser = ConfigParser()
-    parser.read_config(config_file)
-    parser["data_root"] = dataset_dir
-    if width is not None:
-        parser["width"] = int(width)
-    net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval()
-    prep = Compose([parser.get_parsed_content(k) for k in ("tile_to_float", "stain_normalisation", "imagenet_normalisation")])
-    base = float(parser.get_parsed_content("base_magnification"))
-    amp = parser.get_parsed_content("amp_dtype")
-    ids = list(ids) if ids else list_ids(dataset_dir, split=split)
+    parser.read_config([str(REPO / "bundle/configs/train.json"), *([config] if config else []), str(REPO / "bundle/configs/evaluate.json")])
+    parser.update({"dataset_dir": dataset_dir, "download": False, "checkpoint": model, "eval_split": split, "tta": flag(tta, "--tta")})
+    if ids:
+        parser["eval_ids"] = list(ids)
+    dataset, network, inferer = (parser.get_parsed_content(k) for k in ("eval#dataset", "eval#network", "eval#inferer"))
+    post = parser.get_parsed_content("eval#postprocessing")
     rows, dices = [], []
-    for image_id in ids:
-        rgb = np.moveaxis(load_rgb(Path(dataset_dir) / "images" / f"{image_id}.png"), -1, 0)
-        rgb = downsample(rgb, base / magnification)
-        x = torch.as_tensor(np.asarray(prep({"image": rgb})["image"]))[None].float()
-        with torch.no_grad(), autocast_context("cpu", amp):
-            a = net(x)[0, 0].float().numpy()
-        with Image.open(Path(dataset_dir) / "labels" / f"{image_id}.png") as im:
-            label = np.asarray(im)
-        if label.shape != a.shape:
-            label = np.asarray(Image.fromarray(label.astype(np.int32)).resize(a.shape[::-1], Image.NEAREST))
+    for i in range(len(dataset)):
+        item = dataset[i]
+        with torch.no_grad():
+            a = inferer(torch.as_tensor(item["image"])[None], network)[0]
+        inst = np.asarray(post({"pred": a})["pred_instances"])[0]
+        a = a[0].float().numpy()
+        label = np.asarray(item["label"])[0]
         fg = label > 0
         d, d_inv = _dice(a > 0.5, fg), _dice(a <= 0.5, fg)
+        m = instance_metrics(label.astype(np.int64), inst.astype(np.int64))
         dices.append((d, d_inv))
-        print(f"{image_id}: attended {100 * (a > 0.5).mean():.1f} % of pixels, nuclei {100 * fg.mean():.1f} %, "
-              f"Dice(A>0.5, nuclei) {d:.3f}, Dice(A<=0.5, nuclei) {d_inv:.3f}")
+        print(f"{dataset.ids[i]}: attended {100 * (a > 0.5).mean():.1f} % of pixels, nuclei {100 * fg.mean():.1f} %, "
+              f"Dice(A>0.5) {d:.3f}, Dice(A<=0.5) {d_inv:.3f}; instances {int(inst.max())} vs {int(label.max())} true, "
+              f"AJI {m['aji']:.3f}")
         if len(rows) < n:
-            rows.append((image_id, np.moveaxis(rgb, 0, -1), a, find_boundaries(label, mode="inner")))
+            rgb = np.moveaxis(np.asarray(item["rgb"]), 0, -1).astype(np.uint8)
+            rows.append((dataset.ids[i], rgb, a, inst, label, d, m["aji"]))
     mean = np.mean(dices, axis=0)
-    print(f"mean over {len(ids)} images: Dice(A>0.5) {mean[0]:.3f}, Dice(inverted) {mean[1]:.3f}")
-    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4 * len(rows)), squeeze=False)
-    for r, (image_id, rgb, a, edges) in enumerate(rows):
+    print(f"mean over {len(dices)} images: Dice(A>0.5) {mean[0]:.3f}, Dice(inverted) {mean[1]:.3f}")
+    c = slice(0, crop)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13.5, 4.6 * len(rows)), squeeze=False)
+    for r, (image_id, rgb, a, inst, label, d, aji) in enumerate(rows):
+        rgb, a, inst, label = rgb[c, c], a[c, c], inst[c, c], label[c, c]
         axes[r, 0].imshow(rgb)
-        axes[r, 0].set_title(f"{image_id} ({magnification:g}x)", fontsize=9)
+        axes[r, 0].set_title(f"{image_id} (40x, {crop}x{crop} corner)", fontsize=9)
         axes[r, 1].imshow(a, cmap="magma", vmin=0, vmax=1)
-        axes[r, 1].set_title("attention A", fontsize=9)
+        axes[r, 1].set_title(f"attention A (Dice of A > 0.5 on the whole image: {d:.2f})", fontsize=9)
         overlay = rgb.copy()
-        overlay[a > 0.5] = (0.5 * overlay[a > 0.5] + 0.5 * np.array([0, 255, 255])).astype(np.uint8)
-        overlay[edges] = (255, 255, 0)
+        overlay[find_boundaries(label, mode="inner")] = (0, 200, 0)
+        overlay[find_boundaries(inst, mode="inner")] = (255, 230, 0)
         axes[r, 2].imshow(overlay)
-        axes[r, 2].set_title(f"A > 0.5 (cyan), true nuclei outlines (yellow); Dice {dices[r][0]:.2f}", fontsize=9)
+        axes[r, 2].set_title(f"instances (yellow) vs true outlines (green); image AJI {aji:.2f}", fontsize=9)
         for ax in axes[r]:
             ax.axis("off")
     fig.tight_layout()
@@ -105,14 +109,23 @@ def curves(run_dir: str, out: str = "bundle/docs/images/training_curves.png", sm
     import matplotlib.pyplot as plt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0}).Reload()
-    tags = acc.Tags()["scalars"]
+    data: dict[str, dict[int, float]] = {}
+    csv_file = Path(run_dir) / "scalars.csv"
+    if csv_file.is_file():  # tag,step,value rows (a TensorBoard export); a later row for a step wins
+        for line in csv_file.read_text().splitlines()[1:]:
+            tag, step, value = line.rsplit(",", 2)
+            data.setdefault(tag, {})[int(step)] = float(value)
+    else:
+        acc = EventAccumulator(run_dir, size_guidance={"scalars": 0}).Reload()
+        for tag in acc.Tags()["scalars"]:
+            data[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    tags = set(data)
     if "train/loss" not in tags:
-        raise SystemExit(f"{run_dir}: no training scalars (train/loss) in its TensorBoard events.")
+        raise SystemExit(f"{run_dir}: no training scalars (train/loss) in its TensorBoard events or scalars.csv.")
 
     def series(tag):
-        ev = acc.Scalars(tag)
-        return np.array([e.step for e in ev]), np.array([e.value for e in ev])
+        steps = np.array(sorted(data[tag]))
+        return steps, np.array([data[tag][k] for k in steps])
 
     def moving(v):
         k = max(1, min(int(smooth), len(v)))
@@ -131,16 +144,20 @@ def curves(run_dir: str, out: str = "bundle/docs/images/training_curves.png", sm
     if "val_scale_accuracy" in tags:
         vs, vv = series("val_scale_accuracy")
         per_epoch = len(s) / max(1, vs.max()) if len(vs) else 1
-        axes[1].plot(vs * per_epoch, vv, "o-", label="validation (per epoch)")
+        axes[1].plot(vs * per_epoch, vv, "o-", label="validation scale accuracy (per epoch)")
+    if "val_attention_dice" in tags:
+        vs, vv = series("val_attention_dice")
+        per_epoch = len(s) / max(1, vs.max()) if len(vs) else 1
+        axes[1].plot(vs * per_epoch, vv, "s-", label="validation attention Dice (model selection)")
     axes[1].set_ylim(0, 1)
     axes[1].set_xlabel("iteration")
-    axes[1].set_title("scale accuracy (chance 1/3)")
+    axes[1].set_title("scale accuracy (chance 1/3), attention Dice")
     axes[1].legend()
     if "train/tau" in tags:
         s, v = series("train/tau")
         axes[2].plot(s, v)
     axes[2].set_xlabel("iteration")
-    axes[2].set_title("tau (93rd-percentile logit, batch mean)")
+    axes[2].set_title("tau (batch (100 - eta)-th percentile logit)")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

@@ -1,0 +1,92 @@
+"""Inference throughput of the attention network on this machine, in megapixels per second.
+
+    python scripts/bench_infer.py                       # shipped model, 1000x1000 input, 2 repeats
+    python scripts/bench_infer.py --size 2000 --roi 512 --repeats 1
+
+For each precision (fp32, bf16 autocast + channels-last) and with / without
+test-time augmentation (identity + 6 flips/rotations), it times (a) the network alone through the exact
+tiled inferer and (b) the network plus the paper's post-processing (watershed) on a
+synthetic H&E-coloured image of ``size`` x ``size`` pixels. Weights come from
+``--model`` (default: the shipped ``bundle/models/model.pt``), architecture from
+train.json's keys (``--width`` etc. must match the weights).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from custom.inference import TiledAttentionInferer  # noqa: E402
+from custom.networks import load_attention_weights  # noqa: E402
+from custom.postprocess import attention_to_instances  # noqa: E402
+
+
+def _image(size: int, seed: int = 0) -> torch.Tensor:
+    """ImageNet-normalised (1, 3, size, size): pink background with dark purple blobs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    rgb = np.empty((size, size, 3), np.float32)
+    rgb[:] = (0.85, 0.6, 0.75)
+    for cy, cx, r in zip(rng.uniform(0, size, size // 8), rng.uniform(0, size, size // 8), rng.uniform(4, 10, size // 8)):
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        rgb[m] = (0.3, 0.2, 0.45)
+    rgb += rng.normal(0, 0.03, rgb.shape).astype(np.float32)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    return torch.from_numpy(((np.clip(rgb, 0, 1) - mean) / std).transpose(2, 0, 1).copy())[None]
+
+
+def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, roi: int = 1024, repeats: int = 2,
+         threads: int | None = None, **overrides) -> None:
+    """Print a table of seconds per image and megapixels per second.
+
+    Args:
+        model: F's weights.
+        size: side of the square test image (pixels).
+        roi: tile side of the inferer (images larger than this are tiled exactly).
+        repeats: timed runs per setting (after one warm-up); the best is reported.
+        threads: torch threads (default: torch's choice).
+        overrides: train.json keys for the architecture, e.g. ``--width 64``.
+    """
+    from monai.bundle import ConfigParser
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle/configs/train.json"))
+    parser.update({"network_def#stain_target": None, **overrides})
+    net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval()
+    pp = dict(getattr(net, "postprocess", {}) or {})
+    pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size") if k in pp}
+    x = _image(size)
+    mp = size * size / 1e6
+    print(f"model {model}: width {net.width}, {torch.get_num_threads()} threads, image {size}x{size} ({mp:.2f} MP), "
+          f"roi {roi}, post-processing {pp or 'paper defaults'}")
+    print("| precision | TTA | network s/image | network MP/s | + post-processing s/image | + post-processing MP/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for amp, cl, name in ((None, False, "fp32"), ("bfloat16", True, "bf16 + channels_last")):
+        for tta in (False, True):
+            inferer = TiledAttentionInferer(roi_size=roi, tta=tta, amp_dtype=amp, channels_last=cl)
+            inferer(x, net)  # warm-up
+            t_net, t_all = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                a = inferer(x, net)
+                t1 = time.perf_counter()
+                attention_to_instances(a[0], **pp)
+                t2 = time.perf_counter()
+                t_net.append(t1 - t0)
+                t_all.append(t2 - t0)
+            n, t = min(t_net), min(t_all)
+            print(f"| {name} | {'7 views' if tta else 'off'} | {n:.2f} | {mp / n:.3f} | {t:.2f} | {mp / t:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
