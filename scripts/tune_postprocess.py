@@ -100,7 +100,7 @@ def main(
         split: the tuning split (validation ids); "test" is refused.
         method: "model" or a baseline name (``bundle/configs/baselines/<name>.json``).
         checkpoint: model weights (default: the bundle's ``models/model.pt``).
-        config: an override file the model was trained with (e.g. ``bundle/configs/ablations/paper.json``),
+        config: an override file the model was trained with (e.g. ``bundle/configs/ablations/paper_settings.json``),
             layered on ``train.json`` so that the network matches the weights.
         tta: test-time augmentation for the attention maps, as at evaluation.
         rounds: passes of coordinate ascent over the 4 parameters.

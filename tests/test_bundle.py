@@ -65,7 +65,7 @@ def test_training_writes_events_checkpoints_and_model(tmp_path):
         ("minus_equiv", lambda p: p.get_parsed_content("loss").equiv_weight == 0.0 and not p.get_parsed_content("model_def").equivariance),
         ("minus_sparse", lambda p: not p.get_parsed_content("network_def").activation.sparse),
         ("minus_stain_prior", lambda p: p.get_parsed_content("network_def").stain_prior == "none"),
-        ("paper", lambda p: p.get_parsed_content("network_def").activation.eta == 7.0
+        ("paper_settings", lambda p: p.get_parsed_content("network_def").activation.eta == 7.0
          and p.get_parsed_content("network_def").stain_prior == "none"),
     ],
 )
