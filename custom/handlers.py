@@ -16,7 +16,7 @@ from skimage.segmentation import find_boundaries
 
 from custom.config import flag
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
-from custom.metrics import COUNT_NAMES, METRIC_NAMES, instance_metrics
+from custom.metrics import COUNT_NAMES, METRIC_NAMES, cached_instance_metrics
 from custom.networks import save_attention_network
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ExportAttentionNetwork",
     "OverlayWriter",
     "unwrap",
+    "write_atomic",
 ]
 
 
@@ -129,8 +130,9 @@ class BatchSamplerEpochHandler:
         self.batch_sampler.set_epoch(engine.state.epoch - 1)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -156,7 +158,7 @@ def _numpy_2d(x) -> np.ndarray:
 class EvaluationReport:
     """Per-image nucleus metrics and their summary, written when the evaluator completes.
 
-    Each iteration, for every image: :func:`custom.metrics.instance_metrics` between the
+    Each iteration, for every image: :func:`custom.metrics.instance_metrics` (memoised) between the
     ground-truth instance map (``output[label_key]``, ``(1, H, W)``) and the predicted
     one (``output[pred_key]``). At completion it writes, each atomically, in ``output_dir``:
 
@@ -193,7 +195,8 @@ class EvaluationReport:
     def _collect(self, engine: Engine) -> None:
         for item, out in _items(engine):
             gt, pred = _numpy_2d(out[self.label_key]).astype(np.int64), _numpy_2d(out[self.pred_key]).astype(np.int64)
-            self.rows.append({"id": str(item.get(self.id_key, len(self.rows))), **instance_metrics(gt, pred)})
+            # cached: the evaluator's metric handlers have usually computed the same pair this iteration
+            self.rows.append({"id": str(item.get(self.id_key, len(self.rows))), **cached_instance_metrics(gt, pred)})
 
     def summary(self) -> dict:
         """Mean of each metric over the images, total counts, method and settings."""
@@ -222,10 +225,10 @@ class EvaluationReport:
                 w.writerow(["method", "n_images", *METRIC_NAMES, *COUNT_NAMES])
                 w.writerow([summary[k] for k in ["method", "n_images", *METRIC_NAMES, *COUNT_NAMES]])
 
-        _write_atomic(self.output_dir / "per_image.csv", per_image)
-        _write_atomic(self.output_dir / "summary.csv", summary_csv)
+        write_atomic(self.output_dir / "per_image.csv", per_image)
+        write_atomic(self.output_dir / "summary.csv", summary_csv)
         strict = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}  # JSON has no NaN
-        _write_atomic(self.output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(strict, indent=2, default=str)))
+        write_atomic(self.output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(strict, indent=2, default=str)))
 
 
 class OverlayWriter:
@@ -262,4 +265,4 @@ class OverlayWriter:
             canvas[find_boundaries(_numpy_2d(out[self.pred_key]), mode="inner")] = (255, 230, 0)
             name = str(item.get(self.id_key, f"image_{engine.state.iteration}_{k}"))
             image = Image.fromarray(canvas)
-            _write_atomic(self.output_dir / f"{name}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+            write_atomic(self.output_dir / f"{name}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))

@@ -40,6 +40,7 @@ __all__ = [
     "ahd",
     "aji",
     "aji_plus",
+    "cached_instance_metrics",
     "detection_scores",
     "dice_foreground",
     "instance_metrics",
@@ -188,26 +189,25 @@ def _aji(ov: _Overlap) -> float:
     order = np.lexsort((ov.pair_p, -ov.iou, ov.pair_g))
     first = np.ones(order.size, bool)
     first[1:] = ov.pair_g[order[1:]] != ov.pair_g[order[:-1]]
-    best = order[first]
-    used_p = np.zeros(ov.n_p, bool)
-    used_p[ov.pair_p[best]] = True  # a P may be the best match of several G: counted once per G in C and U
-    has_match = np.zeros(ov.n_g, bool)
-    has_match[ov.pair_g[best]] = True
-    c = ov.inter[best].sum()
-    u = ov.union[best].sum() + ov.g_area[~has_match].sum() + ov.p_area[~used_p].sum()
-    return float(c / u)
+    # a P may be the best match of several G: its pair is counted once per G in C and U
+    return _aggregated_jaccard(ov, order[first])
 
 
 def _aji_plus(ov: _Overlap) -> float:
     if ov.both_empty:
         return 1.0
-    sel = _max_iou_matching(ov, ov.iou > 0)
+    return _aggregated_jaccard(ov, _max_iou_matching(ov, ov.iou > 0))
+
+
+def _aggregated_jaccard(ov: _Overlap, pairs: np.ndarray) -> float:
+    """C / U over the chosen (G, P) ``pairs`` (indices into the overlap table): C and U sum
+    their intersections and unions; every G and every P in no chosen pair adds its area to U."""
     matched_g = np.zeros(ov.n_g, bool)
-    matched_g[ov.pair_g[sel]] = True
+    matched_g[ov.pair_g[pairs]] = True
     matched_p = np.zeros(ov.n_p, bool)
-    matched_p[ov.pair_p[sel]] = True
-    c = ov.inter[sel].sum()
-    u = ov.union[sel].sum() + ov.g_area[~matched_g].sum() + ov.p_area[~matched_p].sum()
+    matched_p[ov.pair_p[pairs]] = True
+    c = ov.inter[pairs].sum()
+    u = ov.union[pairs].sum() + ov.g_area[~matched_g].sum() + ov.p_area[~matched_p].sum()
     return float(c / u)
 
 
@@ -409,7 +409,7 @@ def _compact_copy(x: np.ndarray) -> np.ndarray:
     return x.astype(np.min_scalar_type(int(x.max()) if x.size else 0), copy=True)
 
 
-def _cached_instance_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+def cached_instance_metrics(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """``instance_metrics`` memoised on the *content* of the last few (gt, pred) pairs.
 
     Several ``NucleiInstanceMetric`` handlers (one per metric name) see the same images in every iteration,
@@ -476,7 +476,7 @@ class NucleiInstanceMetric(CumulativeIterationMetric):
         values = []
         for p, g in zip(preds, gts):
             g, p = _check_pair(g, p, allow_integral_float=True)
-            values.append(_cached_instance_metrics(g, p)[self.metric_name])
+            values.append(cached_instance_metrics(g, p)[self.metric_name])
         device = y_pred.device if isinstance(y_pred, torch.Tensor) else None
         return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1)
 

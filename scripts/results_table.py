@@ -24,6 +24,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from custom.config import flag  # noqa: E402
+from custom.handlers import write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,10 +100,7 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
         summaries.sort(key=lambda s: -_aji_key(s))
     text = table(summaries, flag(paper, "--paper"))
     if out:
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        write_atomic(out, lambda tmp: Path(tmp).write_text(text + "\n"))
     print(text)
 
 

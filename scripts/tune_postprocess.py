@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom.config import flag  # noqa: E402
+from custom.handlers import write_atomic  # noqa: E402
 from custom.metrics import instance_metrics  # noqa: E402
 from custom.postprocess import attention_to_instances  # noqa: E402
 
@@ -60,13 +61,9 @@ def _score(params: dict) -> float:
     return float(np.mean([instance_metrics(gt, attention_to_instances(a, **params))["aji"] for a, gt in _MAPS]))
 
 
-def attention_maps(config_files: list[str], overrides: dict) -> tuple[list, object]:
-    """(attention (H, W), label (H, W)) for every image of the evaluation split, and the network."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_files)
-    parser.update(overrides)
+def attention_maps(parser) -> tuple[list, object]:
+    """(attention (H, W), label (H, W)) for every image of the evaluation split of the
+    evaluation config ``parser`` (a ``monai.bundle.ConfigParser``), and the network."""
     dataset, network, inferer = (parser.get_parsed_content(k) for k in ("eval#dataset", "eval#network", "eval#inferer"))
     device = parser.get_parsed_content("device")
     maps = []
@@ -119,20 +116,18 @@ def main(
             raise SystemExit(f"--method {method!r}: no {baseline}; use 'model' or one of "
                              f"{sorted(p.stem for p in (CONFIGS / 'baselines').glob('*.json') if not p.stem.endswith('_tuned'))}.")
         files.append(str(baseline))
-    overrides = {"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": flag(tta, "--tta") and method == "model"}
-    if checkpoint:
-        overrides["checkpoint"] = checkpoint
-    model_path = None
-    if method == "model":
-        from monai.bundle import ConfigParser
+    from monai.bundle import ConfigParser
 
-        p = ConfigParser()
-        p.read_config(files)
-        p.update(overrides)
-        model_path = Path(p.get_parsed_content("checkpoint"))
-        if flag(write_model, "--write_model"):  # make sure the file carries its stain target before the evaluation reads it
-            _ensure_stain_target(p, model_path, dataset_dir, train_split)
-    maps, network = attention_maps(files, overrides)
+    tta, write_model = flag(tta, "--tta"), flag(write_model, "--write_model")
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update({"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": tta and method == "model"})
+    if checkpoint:
+        parser["checkpoint"] = checkpoint
+    model_path = Path(parser.get_parsed_content("checkpoint")) if method == "model" else None
+    if model_path is not None and write_model:  # the file must carry its stain target before the evaluation reads it
+        _ensure_stain_target(parser, model_path, dataset_dir, train_split)
+    maps, network = attention_maps(parser)
 
     best = dict(PAPER)
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
@@ -160,14 +155,12 @@ def main(
     override = {f"eval#postprocess_params#{k}": v for k, v in best.items()}
     if method != "model":
         override["method"] = f"{method}_tuned"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(override, indent=4) + "\n")
-    tmp.replace(out)
+    write_atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(override, indent=4) + "\n"))
     print(f"wrote {out}")
-    if flag(write_model, "--write_model") and model_path is not None:
+    if write_model and model_path is not None:
         from custom.networks import save_attention_network
 
-        network.postprocess = dict(best, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": flag(tta, "--tta")})
+        network.postprocess = dict(best, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": tta})
         save_attention_network(network, model_path)
         print(f"stored the tuned parameters in {model_path}")
 
