@@ -13,7 +13,14 @@ handlers    Ignite handlers: TensorBoard attention maps, model export
 inference   whole-image attention inference: exact tiling, test-time augmentation
 postprocess attention map -> nucleus instances (the paper's watershed), transform + handler
 metrics     AJI, AHD, ADC (the authors' definitions), AJI+, PQ, F1 as MONAI/Ignite metrics
+nuclei      nucleus polygons and measurements, streaming GeoJSON (QuPath) and CSV writers
+wsi         whole-slide reading (cuCIM / OpenSlide) at a magnification, tissue detection, slide lists
+wsi_data    whole-slide datasets: multi-magnification training tiles, inference windows
+wsi_outputs whole-slide inference outputs: stitched nuclei, GeoJSON/CSV/overlay/summary per slide
 """
 
 # config expressions ("$custom.data.list_ids(...)") need the submodules loaded by `import custom`
-from custom import config, data, engine, handlers, inference, losses, metrics, monuseg, networks, postprocess, transforms  # noqa: F401
+from custom import (  # noqa: F401
+    config, data, engine, handlers, inference, losses, metrics, monuseg, networks, nuclei, postprocess, transforms, wsi, wsi_data,
+    wsi_outputs,
+)

@@ -257,23 +257,31 @@ class BalancedMagnificationBatchSampler(Sampler):
     batches is exactly balanced. Within a magnification, images are drawn without
     replacement from a reshuffled list (every image once before any repeats).
 
-    Indices follow :class:`MultiMagnificationDataset`: ``magnification * num_images + image``.
+    Indices follow :class:`MultiMagnificationDataset`: ``magnification * num_images + image``;
+    with per-class counts (``num_images`` a list, e.g. whole-slide tiles,
+    :class:`custom.wsi_data.WSITileDataset`) class ``m`` holds indices
+    ``sum(num_images[:m]) .. sum(num_images[:m+1]) - 1``.
 
     Args:
-        num_images: images per magnification.
+        num_images: images per magnification, or a list of counts, one per magnification.
         num_magnifications: number of classes.
         batch_size: tiles per batch.
         num_batches: batches per epoch (paper: 100 iterations).
         seed: the epoch-``e`` order is drawn from ``(seed, e)``, so it is reproducible.
     """
 
-    def __init__(self, num_images: int, num_magnifications: int, batch_size: int, num_batches: int, seed: int = 0):
-        if num_images < 1 or num_magnifications < 1 or batch_size < 1 or num_batches < 1:
+    def __init__(self, num_images: int | Sequence[int], num_magnifications: int, batch_size: int, num_batches: int, seed: int = 0):
+        sizes = [int(num_images)] * int(num_magnifications) if np.ndim(num_images) == 0 else [int(n) for n in num_images]
+        if min(sizes, default=0) < 1 or num_magnifications < 1 or batch_size < 1 or num_batches < 1:
             raise ValueError(
                 "BalancedMagnificationBatchSampler needs positive num_images, num_magnifications, batch_size, num_batches; "
                 f"got {num_images}, {num_magnifications}, {batch_size}, {num_batches}."
             )
-        self.num_images, self.num_magnifications = int(num_images), int(num_magnifications)
+        if len(sizes) != num_magnifications:
+            raise ValueError(f"num_images lists {len(sizes)} class sizes for {num_magnifications} magnifications.")
+        self.class_sizes = sizes
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        self.num_images, self.num_magnifications = num_images, int(num_magnifications)
         self.batch_size, self.num_batches, self.seed = int(batch_size), int(num_batches), int(seed)
         self.epoch = 0
 
@@ -300,8 +308,8 @@ class BalancedMagnificationBatchSampler(Sampler):
             for m, count in enumerate(self.class_counts(self.epoch * self.num_batches + b)):
                 for _ in range(count):
                     if not pools[m]:
-                        pools[m] = rng.permutation(self.num_images).tolist()
-                    batch.append(m * self.num_images + pools[m].pop())
+                        pools[m] = rng.permutation(self.class_sizes[m]).tolist()
+                    batch.append(self.offsets[m] + pools[m].pop())
             batch = [batch[i] for i in rng.permutation(len(batch))]
             yield batch
         self.epoch += 1

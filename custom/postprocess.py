@@ -44,6 +44,7 @@ __all__ = [
     "AttentionToInstancesd",
     "InstanceSegmentationHandler",
     "attention_to_instances",
+    "keep_centred",
     "mask_to_instances",
 ]
 
@@ -183,6 +184,45 @@ def attention_to_instances(
     if np.isnan(arr).any():
         raise ValueError("attention contains NaN values.")
     return mask_to_instances(arr > threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
+
+
+def keep_centred(labels: np.ndarray, core: Sequence[int], max_size: int = 0) -> np.ndarray:
+    """Keep the instances whose centroid lies in ``core``: the stitching rule of
+    windowed inference.
+
+    Windows overlap by a halo; each computes the instances of its core plus halo and
+    keeps those centred in its core. Cores tile the slide, so every nucleus is kept by
+    exactly one window, whole, as long as it (with the mask component it belongs to)
+    fits in the halo.
+
+    Args:
+        labels: ``(H, W)`` int instance map of the core plus halo.
+        core: ``(y0, x0, y1, x1)`` of the core in ``labels``' pixels (end exclusive).
+        max_size: instances with more pixels are dropped too (0: no limit). Far larger than
+            any nucleus, they are mask components the watershed did not split (dense
+            purple tissue); they are also the ones that could outgrow the halo.
+
+    Returns:
+        ``(H, W)`` int32 instance map with the kept instances renumbered 1..N.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}.")
+    y0, x0, y1, x1 = (int(v) for v in core)
+    n = int(labels.max(initial=0))
+    if n == 0:
+        return np.zeros(labels.shape, np.int32)
+    index = np.arange(1, n + 1)
+    counts = ndimage.sum_labels(np.ones(labels.shape), labels, index)
+    present = counts > 0
+    with np.errstate(invalid="ignore"):  # absent labels have no centroid (NaN); `present` drops them
+        cy = np.floor(ndimage.mean(np.arange(labels.shape[0])[:, None] * np.ones(labels.shape[1]), labels, index)).astype(np.int64)
+        cx = np.floor(ndimage.mean(np.ones(labels.shape[0])[:, None] * np.arange(labels.shape[1]), labels, index)).astype(np.int64)
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = present & (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
+    if max_size:
+        keep[1:] &= counts <= int(max_size)
+    return _relabel_sequential(np.where(keep[labels], labels, 0).astype(np.int64))
 
 
 class AttentionToInstances(Transform):

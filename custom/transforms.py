@@ -27,6 +27,7 @@ __all__ = [
     "ReinhardNormalized",
     "dihedral",
     "dihedral_inverse",
+    "reinhard_source_stats",
     "reinhard_stats",
 ]
 
@@ -105,13 +106,41 @@ def _like(out_hwc: np.ndarray, ref):
     return torch.as_tensor(out) if isinstance(ref, torch.Tensor) else out
 
 
-def _standardise_brightness(rgb: np.ndarray, percentile: float | None) -> np.ndarray:
+def _brightness(rgb: np.ndarray, percentile: float | None) -> float | None:
+    """The `percentile` of mean-RGB brightness of (H, W, 3) [0, 1] pixels (None: no standardisation)."""
+    return None if percentile is None else float(np.percentile(rgb.mean(axis=-1), percentile))
+
+
+def _standardise_brightness(rgb: np.ndarray, percentile: float | None, white: float | None = None) -> np.ndarray:
     """Scale an RGB image (H, W, 3), values in [0, 1], so its `percentile` of
-    brightness becomes white, then clip (the authors' step before Reinhard)."""
-    if percentile is None:
+    brightness (or the given ``white`` level) becomes white, then clip (the authors'
+    step before Reinhard)."""
+    p = _brightness(rgb, percentile) if white is None else white
+    if p is None:
         return rgb
-    p = np.percentile(rgb.mean(axis=-1), percentile)
     return np.clip(rgb / max(p, 1e-6), 0.0, 1.0) if p > 0 else rgb
+
+
+def reinhard_source_stats(images: Sequence[np.ndarray], brightness_percentile: float | None = 90.0) -> np.ndarray:
+    """Colour statistics of a whole slide, pooled over several of its regions, so that
+    every window of the slide is normalised the same way (see :class:`ReinhardNormalize`).
+
+    Args:
+        images: ``(H, W, 3)`` uint8 regions of one slide.
+        brightness_percentile: as in :class:`ReinhardNormalize` (None: off).
+
+    Returns:
+        float64 ``(7,)``: the white level (brightness percentile of the pooled pixels, in [0, 1];
+        NaN when off), then the L*, a*, b* means and standard deviations of the pooled,
+        brightness-standardised pixels. For a single image this is exactly what
+        ``ReinhardNormalize`` computes from that image.
+    """
+    if len(images) == 0:
+        raise ValueError("reinhard_source_stats needs at least one region.")
+    rgb = np.concatenate([np.asarray(i, dtype=np.float64).reshape(-1, 3) / 255.0 for i in images])[None]
+    white = _brightness(rgb, brightness_percentile)
+    lab = rgb2lab(_standardise_brightness(rgb, None, white)).reshape(-1, 3)
+    return np.array([np.nan if white is None else white, *lab.mean(0), *lab.std(0)])
 
 
 def reinhard_stats(images: Sequence, brightness_percentile: float | None = 90.0) -> tuple[list, list]:
@@ -145,6 +174,10 @@ class ReinhardNormalize(Transform):
     (its ``brightness_percentile`` of mean RGB value is mapped to white), as the
     authors' code does with the 90th percentile.
 
+    By default the source statistics (white level, LAB means and stds) are those
+    of the image itself; passing ``source`` (see :func:`reinhard_source_stats`) uses
+    fixed ones instead, so that all windows of a slide get the same mapping.
+
     Args:
         target_means: 3 LAB means (L* in [0, 100]).
         target_stds: 3 LAB standard deviations.
@@ -160,12 +193,21 @@ class ReinhardNormalize(Transform):
         self.target_stds = np.asarray(target_stds, dtype=np.float64)
         self.brightness_percentile = brightness_percentile
 
-    def __call__(self, img):
-        """img: ``(3, H, W)`` RGB in [0, 1]; returns the same shape and type."""
-        rgb = _standardise_brightness(_to_hwc(img), self.brightness_percentile)
-        lab = rgb2lab(rgb)
-        mu = lab.reshape(-1, 3).mean(0)
-        sd = lab.reshape(-1, 3).std(0)
+    def __call__(self, img, source=None):
+        """img: ``(3, H, W)`` RGB in [0, 1]; returns the same shape and type.
+        source: None, or the 7 source statistics of :func:`reinhard_source_stats`."""
+        if source is None:
+            rgb = _standardise_brightness(_to_hwc(img), self.brightness_percentile)
+            lab = rgb2lab(rgb)
+            mu = lab.reshape(-1, 3).mean(0)
+            sd = lab.reshape(-1, 3).std(0)
+        else:
+            src = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float64).reshape(-1)
+            if src.shape != (7,):
+                raise ValueError(f"Reinhard source statistics must be 7 numbers (white, 3 means, 3 stds), got shape {src.shape}.")
+            white = None if np.isnan(src[0]) else float(src[0])
+            lab = rgb2lab(_standardise_brightness(_to_hwc(img), None, white))
+            mu, sd = src[1:4], src[4:7]
         lab = (lab - mu) / np.maximum(sd, 1e-6) * self.target_stds + self.target_means
         lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
         return _like(np.clip(lab2rgb(lab), 0.0, 1.0), img)
@@ -225,16 +267,21 @@ class RandDihedral(RandomizableTransform):
 
 
 class ReinhardNormalized(MapTransform):
-    """Dictionary version of :class:`ReinhardNormalize`."""
+    """Dictionary version of :class:`ReinhardNormalize`. With ``source_key``, the
+    source statistics are read from that item key (e.g. a slide's, see
+    :func:`reinhard_source_stats`) when present."""
 
-    def __init__(self, keys: KeysCollection, target_means, target_stds, brightness_percentile: float | None = 90.0, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, target_means, target_stds, brightness_percentile: float | None = 90.0,
+                 source_key: str | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.transform = ReinhardNormalize(target_means, target_stds, brightness_percentile)
+        self.source_key = source_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
+        source = d.get(self.source_key) if self.source_key else None
         for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
+            d[key] = self.transform(d[key], source)
         return d
 
 

@@ -56,3 +56,46 @@ def make_prepared_dataset(root: Path, n_images: int = 4, size: int = 256, seed: 
 @pytest.fixture
 def prepared_dataset(tmp_path) -> Path:
     return make_prepared_dataset(tmp_path / "prepared")
+
+
+WSI_DIR = SHARED_DATA / "wsi"
+CMU_SLIDE = WSI_DIR / "cmu_small_region.svs"
+TCGA_SLIDE = WSI_DIR / "tcga-cr-7395-01a-01-ts1.svs"
+
+
+def require_slide(path: Path) -> Path:
+    """A real slide of ``../shared/data/wsi``, or skip the test where it is absent."""
+    if not path.is_file():
+        pytest.skip(f"real slide not found at {path}")
+    return path
+
+
+def require_backend(backend: str) -> str:
+    """Skip when the whole-slide backend's package is not installed."""
+    pytest.importorskip("cucim" if backend == "cucim" else "openslide")
+    return backend
+
+
+def synthetic_he(height: int, width: int, tissue_fraction: float = 0.6, seed: int = 0, nuclei_per_mpx: int = 2500) -> np.ndarray:
+    """A synthetic H&E-like picture ``(H, W, 3)`` uint8: the left ``tissue_fraction`` of the
+    columns is pink stroma with purple round nuclei (radius 5-9 px), the rest white glass."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 245, np.uint8)
+    tw = int(width * tissue_fraction)
+    img[:, :tw] = (225, 150, 195)
+    n = int(nuclei_per_mpx * height * tw / 1e6)
+    yy, xx = np.mgrid[-9:10, -9:10]
+    for _ in range(n):
+        cy, cx, r = rng.integers(10, height - 10), rng.integers(10, max(11, tw - 10)), rng.integers(5, 10)
+        disk = yy**2 + xx**2 <= r * r
+        img[cy - 9 : cy + 10, cx - 9 : cx + 10][disk] = (80, 45, 135)
+    return np.clip(img.astype(int) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def pyramid_slide(tmp_path_factory) -> Path:
+    """A generated 3-level pyramidal TIFF (0.25 um/px = 40x, 1536x1280, tissue on the left 60 %)."""
+    from custom.wsi import write_pyramidal_tiff
+
+    path = tmp_path_factory.mktemp("slides") / "generated_pyramid.tiff"
+    return write_pyramidal_tiff(path, synthetic_he(1536, 1280), mpp=0.25, levels=3)

@@ -1,0 +1,256 @@
+"""Whole-slide inference outputs: an Ignite handler that turns window attention
+maps into stitched nuclei and writes, per slide::
+
+    <name>.geojson          nucleus polygons, level-0 pixel coordinates (QuPath: File > Import objects)
+    <name>.csv              one row per nucleus: id, centroid, area (um^2), perimeter (um), eccentricity, mean hematoxylin
+    <name>_overlay.png      downsampled picture with nucleus outlines
+    <name>_instances.png    labelled instance map (plain-image inputs only; uint16 PNG, or .tiff int32 above 65535 nuclei)
+    <name>.json             run summary (slide, magnification, tissue area, nuclei, seconds, settings), written LAST
+
+Every file is written under a temporary name and renamed when complete; the
+summary comes last and lists the others, so a slide counts as done only when its
+summary exists and every file it lists is there (:func:`complete_slides`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from custom.handlers import _items, write_atomic
+from custom.nuclei import GeoJSONWriter, NucleusCSVWriter, instance_polygons, nucleus_feature, nucleus_measurements
+from custom.postprocess import attention_to_instances, keep_centred
+from custom.wsi import Slide
+
+__all__ = ["SlideNucleiWriter", "complete_slides", "slide_outputs"]
+
+logger = logging.getLogger(__name__)
+
+
+def slide_outputs(output_dir: str | Path, name: str, is_image: bool) -> dict[str, Path]:
+    """Paths of a slide's outputs (see the module docstring)."""
+    out = Path(output_dir)
+    paths = {"geojson": out / f"{name}.geojson", "csv": out / f"{name}.csv", "overlay": out / f"{name}_overlay.png",
+             "summary": out / f"{name}.json"}
+    if is_image:
+        paths["instances"] = out / f"{name}_instances.png"
+    return paths
+
+
+def complete_slides(output_dir: str | Path) -> list[str]:
+    """Names of the slides whose outputs in ``output_dir`` are complete: a readable summary
+    whose listed files all exist (a rerun skips them)."""
+    out = Path(output_dir)
+    done = []
+    if not out.is_dir():
+        return done
+    for summary in sorted(out.glob("*.json")):
+        try:
+            info = json.loads(summary.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(info, dict) or "outputs" not in info or "slide" not in info:
+            continue
+        if all((out / f).is_file() for f in info["outputs"].values()):
+            done.append(str(info["slide"]))
+    return done
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class _SlideRun:
+    """Open outputs of one slide while its windows arrive."""
+
+    def __init__(self, info: dict, output_dir: Path, overlay_size: int):
+        self.info = info
+        self.paths = slide_outputs(output_dir, info["name"], info["is_image"])
+        self.t0 = time.perf_counter()
+        self.geojson = GeoJSONWriter(self.paths["geojson"])
+        self.csv = NucleusCSVWriter(self.paths["csv"])
+        with Slide(info["path"], "cucim" if info["backend"] == "image" else info["backend"], mpp=info["mpp"]) as slide:
+            self.thumb, self.thumb_factor = slide.thumbnail(overlay_size)
+        self.overlay = Image.fromarray(self.thumb)
+        self.draw = ImageDraw.Draw(self.overlay)
+        self.canvas = np.zeros(info["analysis_shape"], np.int32) if info["is_image"] else None
+        self.windows_done = 0
+        self.next_id = 1
+        self.progress = None
+
+    def abort(self) -> None:
+        self.geojson.abort()
+        self.csv.abort()
+        if self.progress is not None:
+            self.progress.close()
+
+
+class SlideNucleiWriter:
+    """Ignite handler for whole-slide inference (items of :class:`custom.wsi_data.SlideWindowDataset`).
+
+    For each window: the attention inside the window's valid box (core + halo) is
+    turned into instances (:func:`custom.postprocess.attention_to_instances`), the
+    instances centred in the core are kept (:func:`custom.postprocess.keep_centred`),
+    and their polygons, measurements and outlines are appended to the slide's outputs.
+    When a slide's last window is done its files are closed and renamed and its
+    summary written. Slides without tissue get empty but valid outputs at the start.
+    On an exception the open slide's temporary files are deleted.
+
+    Args:
+        output_dir: folder for the outputs.
+        slides_info: ``SlideWindowDataset.slides_info``.
+        postprocess: keyword arguments of :func:`attention_to_instances` (threshold, morphology_radii, ...).
+        settings: extra JSON-serialisable entries for every summary (model, TTA, ...).
+        max_nucleus_um2: instances larger than this area are dropped (0: no limit; see
+            :func:`custom.postprocess.keep_centred`).
+        overlay_size: long side of the overlay picture in pixels.
+        image_key, pred_key: batch key of the unnormalised RGB window (uint8 ``(3, h, w)``), output key of the attention.
+        progress: show a progress bar per slide.
+    """
+
+    def __init__(self, output_dir: str, slides_info: list[dict], postprocess: dict | None = None, settings: dict | None = None,
+                 max_nucleus_um2: float = 0.0, overlay_size: int = 2048, image_key: str = "rgb", pred_key: str = "pred",
+                 progress: bool = True):
+        self.output_dir = Path(output_dir)
+        self.slides_info = slides_info
+        self.postprocess = dict(postprocess or {})
+        self.settings = dict(settings or {})
+        self.max_nucleus_um2 = float(max_nucleus_um2)
+        self.overlay_size = int(overlay_size)
+        self.image_key, self.pred_key, self.progress = image_key, pred_key, progress
+        self.runs: dict[int, _SlideRun] = {}
+        self.finished: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._complete)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception)
+        engine.add_event_handler(Events.TERMINATE, self._abort)
+
+    def _run(self, si: int) -> _SlideRun:
+        if si not in self.runs:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            run = self.runs[si] = _SlideRun(self.slides_info[si], self.output_dir, self.overlay_size)
+            if self.progress and run.info["num_windows"]:
+                run.progress = tqdm(total=run.info["num_windows"], desc=run.info["name"], unit="window", leave=True)
+        return self.runs[si]
+
+    def _start(self, engine: Engine) -> None:
+        for info in self.slides_info:
+            if info["num_windows"] == 0:
+                self._finish(self._run(info["index"]))
+
+    def __call__(self, engine: Engine) -> None:
+        for item, out in _items(engine):
+            si, wi = int(_np(item["slide"])), int(_np(item["window"]))
+            run = self._run(si)
+            attention = _np(out[self.pred_key]).astype(np.float32)
+            attention = attention[0] if attention.ndim == 3 else attention
+            vy0, vx0, vy1, vx1 = (int(v) for v in _np(item["valid"]))
+            cy0, cx0, cy1, cx1 = (int(v) for v in _np(item["core"]))
+            by, bx = (int(v) for v in _np(item["box"])[:2])
+            labels = attention_to_instances(attention[vy0:vy1, vx0:vx1], **self.postprocess)
+            max_size = int(self.max_nucleus_um2 / run.info["analysis_mpp"] ** 2)
+            labels = keep_centred(labels, (cy0 - vy0, cx0 - vx0, cy1 - vy0, cx1 - vx0), max_size)
+            rgb = np.moveaxis(_np(item[self.image_key]), 0, -1)[vy0:vy1, vx0:vx1].astype(np.uint8)
+            self._add_nuclei(run, labels, rgb, (by + vy0, bx + vx0))
+            run.windows_done += 1
+            if run.progress is not None:
+                run.progress.update(1)
+            if run.windows_done == run.info["num_windows"]:
+                self._finish(run)
+            elif wi + 1 == run.info["num_windows"] and run.windows_done != run.info["num_windows"]:
+                raise RuntimeError(f"{run.info['path']}: its last window arrived after {run.windows_done} of {run.info['num_windows']}; "
+                                   "windows must come in order (shuffle off).")
+
+    def _add_nuclei(self, run: _SlideRun, labels: np.ndarray, rgb: np.ndarray, origin: tuple[int, int]) -> None:
+        """Append the instances of one window (origin: its (y, x) in analysis pixels)."""
+        n = int(labels.max(initial=0))
+        if n == 0:
+            return
+        f = run.info["scale_to_level0"]
+        polygons = instance_polygons(labels, offset=origin, scale=f)
+        measured = nucleus_measurements(labels, rgb, run.info["analysis_mpp"])
+        for row in measured:
+            lab = row["label"]
+            if lab not in polygons:
+                continue
+            nid = run.next_id
+            run.next_id += 1
+            cx, cy = (row["centroid_x"] + origin[1] + 0.5) * f, (row["centroid_y"] + origin[0] + 0.5) * f
+            values = {k: row[k] for k in ("area_um2", "perimeter_um", "eccentricity", "mean_hematoxylin")}
+            run.geojson.add(nucleus_feature(polygons[lab], values, object_id=f"{run.info['name']}-{nid}"))
+            run.csv.add(nid, cx, cy, values)
+            ring = np.asarray(polygons[lab], dtype=np.float64) / run.thumb_factor
+            run.draw.line([tuple(p) for p in ring], fill=(255, 230, 0), width=1)
+            if run.canvas is not None:
+                y0, x0 = origin
+                sub = run.canvas[y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]]
+                sub[labels == lab] = nid
+
+    def _finish(self, run: _SlideRun) -> None:
+        info = run.info
+        try:
+            run.geojson.close()
+            run.csv.close()
+            write_atomic(run.paths["overlay"], lambda tmp: run.overlay.save(tmp, format="PNG"))
+            if run.canvas is not None:
+                if run.canvas.max(initial=0) > 65535:
+                    run.paths["instances"] = run.paths["instances"].with_suffix(".tiff")
+                    import tifffile
+
+                    write_atomic(run.paths["instances"], lambda tmp: tifffile.imwrite(tmp, run.canvas))
+                else:
+                    write_atomic(run.paths["instances"], lambda tmp: Image.fromarray(run.canvas.astype(np.uint16)).save(tmp, format="PNG"))
+        except BaseException:
+            run.abort()
+            raise
+        if run.progress is not None:
+            run.progress.close()
+        summary = {
+            "slide": info["name"],
+            "path": info["path"],
+            "backend": info["backend"],
+            "level0_shape": info["level0_shape"],
+            "mpp": info["mpp"],
+            "mpp_source": info["mpp_source"],
+            "magnification": info["magnification"],
+            "analysis_mpp": info["analysis_mpp"],
+            "roi": info["roi"],
+            "tissue_mm2": round(info["tissue_mm2"], 4),
+            "windows": info["num_windows"],
+            "nuclei": run.next_id - 1,
+            "seconds": round(time.perf_counter() - run.t0, 2),
+            "warnings": info["warnings"],
+            "postprocess": {**self.postprocess, "max_nucleus_um2": self.max_nucleus_um2},
+            **self.settings,
+            "outputs": {k: p.name for k, p in run.paths.items() if k != "summary"},
+        }
+        write_atomic(run.paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+        self.finished.append(info["name"])
+        del self.runs[info["index"]]
+        logger.info("%s: %d nuclei in %.1f s -> %s", info["name"], summary["nuclei"], summary["seconds"], run.paths["geojson"])
+
+    def _complete(self, engine: Engine) -> None:
+        if self.runs:
+            names = [r.info["name"] for r in self.runs.values()]
+            self._abort(engine)
+            raise RuntimeError(f"inference ended before every window of {names} was processed; their outputs were not written.")
+
+    def _exception(self, engine: Engine, e: BaseException) -> None:
+        self._abort(engine)
+        raise e  # Ignite hands exceptions to EXCEPTION_RAISED handlers instead of raising them
+
+    def _abort(self, engine: Engine) -> None:
+        for run in self.runs.values():
+            run.abort()
+        self.runs.clear()
