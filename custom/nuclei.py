@@ -170,7 +170,8 @@ def instance_polygons(labels, offset: Sequence[float] = (0.0, 0.0), scale: float
         boundary of the instance with its holes filled (before simplification, its
         area equals the pixel count); an instance in several pieces gives its largest
         4-connected piece. Rings are simple (valid), have >= 4 distinct vertices and a
-        positive shoelace area on the coordinates as written (see the module docstring).
+        positive shoelace area on the coordinates as written (see the module docstring);
+        where simplification would break this, the unsimplified ring is kept.
     """
     labels = _check_labels(labels)
     if len(offset) != 2 or not all(math.isfinite(float(o)) for o in offset):

@@ -324,23 +324,20 @@ class SlideWindowDataset(Dataset):
                 raise ValueError(f"{path}: roi {self.roi} (level-0 y, x, h, w) lies outside the slide ({slide.shape[0]}x{slide.shape[1]}).")
         cores = [(cy, cx, min(cy + self.window, y1), min(cx + self.window, x1))
                  for cy in range(y0, y1, self.window) for cx in range(x0, x1, self.window)]
+        mask = factor = None
         if self.use_tissue_mask:
             mask, factor = tissue_mask(slide, self.tissue)
             tissue_mm2 = float(mask.sum()) * (factor * slide.mpp) ** 2 / 1e6
             cover = tile_coverage(mask, factor, np.asarray(cores, dtype=np.float64) * f) if cores else np.zeros(0)
             cores = [c for c, v in zip(cores, cover) if v > 0]
-            cover = cover[cover > 0]
         else:
             tissue_mm2 = (y1 - y0) * (x1 - x0) * (self.target_mpp**2) / 1e6
-            cover = np.ones(len(cores))
         if not cores:
             warnings.append("no tissue found: the outputs are empty.")
             logger.warning("%s: %s", path, warnings[-1])
         for wi, c in enumerate(cores):
             self.windows.append((si, wi, *c))
-        # colour statistics from the most tissue-covered windows (glass would skew them)
-        dense = [c for c, v in zip(cores, cover) if v >= 0.9 * cover.max()] if cores else []
-        self.stain.append(self._stain_stats(slide, dense, stain_regions, stain_size))
+        self.stain.append(self._stain_stats(slide, (y0, x0, y1, x1), mask, factor, stain_regions, stain_size) if cores else np.full(7, np.nan))
         self.slides_info.append({
             "index": si, "name": path.stem, "path": str(path), "backend": slide.backend, "is_image": slide.backend == "image",
             "level0_shape": list(slide.shape), "mpp": slide.mpp, "mpp_source": slide.mpp_source,
@@ -348,18 +345,23 @@ class SlideWindowDataset(Dataset):
             "analysis_shape": [h, w], "roi": self.roi, "tissue_mm2": tissue_mm2, "num_windows": len(cores), "warnings": warnings,
         })
 
-    def _stain_stats(self, slide: Slide, cores: list, n: int, size: int) -> np.ndarray:
-        """Reinhard source statistics of a slide from up to ``n`` regions spread over its tissue windows."""
-        if not cores:
-            return np.full(7, np.nan)
-        picks = np.unique(np.linspace(0, len(cores) - 1, min(n, len(cores))).round().astype(int))
-        regions = []
+    def _stain_stats(self, slide: Slide, box: tuple, mask, factor, n: int, size: int) -> np.ndarray:
+        """Reinhard source statistics of a slide, pooled over up to ``n`` regions of ``size``
+        pixels on a fixed grid over ``box`` (analysis pixels), the most tissue-covered ones
+        (glass would skew them), spread evenly. The choice does not depend on the window
+        size, so every window layout normalises a slide alike; an image no larger than
+        ``size`` is one region, which gives per-image normalisation exactly."""
+        y0, x0, y1, x1 = box
+        regions = [(ry, rx, min(ry + size, y1), min(rx + size, x1)) for ry in range(y0, y1, size) for rx in range(x0, x1, size)]
+        if mask is not None:
+            cover = tile_coverage(mask, factor, np.asarray(regions, dtype=np.float64) * slide.scale_to_level0(self.target_mpp))
+            regions = [r for r, v in zip(regions, cover) if v >= 0.9 * cover.max() and v > 0]
+        picks = np.unique(np.linspace(0, len(regions) - 1, min(n, len(regions))).round().astype(int))
+        pixels = []
         for i in picks:
-            cy0, cx0, cy1, cx1 = cores[i]
-            hh, ww = min(size, cy1 - cy0), min(size, cx1 - cx0)
-            cy, cx = (cy0 + cy1 - hh) // 2, (cx0 + cx1 - ww) // 2
-            regions.append(np.moveaxis(slide.read((cy, cx), (hh, ww), self.target_mpp, self.allow_upsample), 0, -1))
-        return reinhard_source_stats(regions, self.brightness_percentile)
+            ry0, rx0, ry1, rx1 = regions[i]
+            pixels.append(np.moveaxis(slide.read((ry0, rx0), (ry1 - ry0, rx1 - rx0), self.target_mpp, self.allow_upsample), 0, -1))
+        return reinhard_source_stats(pixels, self.brightness_percentile)
 
     def __len__(self) -> int:
         return len(self.windows)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -111,19 +112,21 @@ class SlideNucleiWriter:
         settings: extra JSON-serialisable entries for every summary (model, TTA, ...).
         max_nucleus_um2: instances larger than this area are dropped (0: no limit; see
             :func:`custom.postprocess.keep_centred`).
+        polygon_tolerance: outline simplification in analysis pixels (Douglas-Peucker; 0: exact pixel edges).
         overlay_size: long side of the overlay picture in pixels.
         image_key, pred_key: batch key of the unnormalised RGB window (uint8 ``(3, h, w)``), output key of the attention.
         progress: show a progress bar per slide.
     """
 
     def __init__(self, output_dir: str, slides_info: list[dict], postprocess: dict | None = None, settings: dict | None = None,
-                 max_nucleus_um2: float = 0.0, overlay_size: int = 2048, image_key: str = "rgb", pred_key: str = "pred",
+                 max_nucleus_um2: float = 0.0, polygon_tolerance: float = 1.0, overlay_size: int = 2048, image_key: str = "rgb", pred_key: str = "pred",
                  progress: bool = True):
         self.output_dir = Path(output_dir)
         self.slides_info = slides_info
         self.postprocess = dict(postprocess or {})
         self.settings = dict(settings or {})
         self.max_nucleus_um2 = float(max_nucleus_um2)
+        self.polygon_tolerance = float(polygon_tolerance)
         self.overlay_size = int(overlay_size)
         self.image_key, self.pred_key, self.progress = image_key, pred_key, progress
         self.runs: dict[int, _SlideRun] = {}
@@ -145,8 +148,14 @@ class SlideNucleiWriter:
         return self.runs[si]
 
     def _start(self, engine: Engine) -> None:
+        self.finish_empty_slides()
+
+    def finish_empty_slides(self) -> None:
+        """Write the (empty, valid) outputs of slides without tissue windows, once. Called
+        when the engine starts, and after the run: an engine whose loader is empty (every
+        slide blank) does not start at all."""
         for info in self.slides_info:
-            if info["num_windows"] == 0:
+            if info["num_windows"] == 0 and info["name"] not in self.finished:
                 self._finish(self._run(info["index"]))
 
     def __call__(self, engine: Engine) -> None:
@@ -178,7 +187,7 @@ class SlideNucleiWriter:
         if n == 0:
             return
         f = run.info["scale_to_level0"]
-        polygons = instance_polygons(labels, offset=origin, scale=f)
+        polygons = instance_polygons(labels, offset=origin, scale=f, tolerance=self.polygon_tolerance)
         measured = nucleus_measurements(labels, rgb, run.info["analysis_mpp"])
         for row in measured:
             lab = row["label"]
@@ -188,7 +197,9 @@ class SlideNucleiWriter:
             run.next_id += 1
             cx, cy = (row["centroid_x"] + origin[1] + 0.5) * f, (row["centroid_y"] + origin[0] + 0.5) * f
             values = {k: row[k] for k in ("area_um2", "perimeter_um", "eccentricity", "mean_hematoxylin")}
-            run.geojson.add(nucleus_feature(polygons[lab], values, object_id=f"{run.info['name']}-{nid}"))
+            feature = nucleus_feature(polygons[lab], values, object_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run.info['path']}#{nid}")))
+            feature["properties"]["name"] = str(nid)  # the row id in <name>.csv
+            run.geojson.add(feature)
             run.csv.add(nid, cx, cy, values)
             ring = np.asarray(polygons[lab], dtype=np.float64) / run.thumb_factor
             run.draw.line([tuple(p) for p in ring], fill=(255, 230, 0), width=1)

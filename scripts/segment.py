@@ -62,5 +62,17 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         workflow.finalize()
 
 
+def main() -> None:
+    """Run :func:`segment` from the command line; errors end with their root cause and exit status 1."""
+    try:
+        fire.Fire(segment)
+    except Exception as e:  # noqa: BLE001 - report the root cause the bundle wraps, then fail
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        print(f"segment.py: error: {root}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    fire.Fire(segment)
+    main()

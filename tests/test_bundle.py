@@ -96,3 +96,16 @@ def test_training_on_real_monuseg(tmp_path):
     proc = run_training(tmp_path, root, "--epochs", "1", "--val_split", "val")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+
+
+def test_training_from_whole_slides(tmp_path, pyramid_slide):
+    """train_wsi.json (M_proposed): tiles from a pyramidal slide at 10x/20x/40x, tile index cached."""
+    pytest.importorskip("cucim")
+    dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=192)
+    proc = run_training(tmp_path, dataset, "--slides", str(pyramid_slide), "--tile_size", "96", "--epochs", "1",
+                        config_files=("train.json", "train_wsi.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "bundle" / "runs" / "train"
+    assert len(list(out.glob("tile_index_*.npz"))) == 1
+    assert (out / "checkpoints" / "checkpoint_final.pt").is_file()
+    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()

@@ -1,0 +1,223 @@
+"""Whole-slide inference through the bundle (inference.json): stitching, output files, resume.
+
+Most tests use a small real attention network (width 4, dilations 1 and 2) whose
+head starts at zero with the hematoxylin logit prior, so it segments the
+hematoxylin-dark nuclei of the generated slides without training; one test runs
+the shipped model on a real MoNuSeg image through scripts/segment.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from custom.data import IMAGENET_MEAN, IMAGENET_STD
+from custom.networks import AttentionNet, save_attention_network
+from custom.transforms import reinhard_stats
+from custom.wsi import write_pyramidal_tiff
+from custom.wsi_outputs import complete_slides
+from tests.conftest import CMU_SLIDE, MONUSEG, REPO, TCGA_SLIDE, require_backend, require_monuseg, require_slide, synthetic_he
+
+shapely = pytest.importorskip("shapely")
+from shapely.geometry import Polygon, box  # noqa: E402
+
+SMALL = {"width": 4, "dilations": [1, 2]}
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """F of width 4 = the hematoxylin prior at the start of training, with a running tau
+    halfway between the stroma's and the nuclei's logits on a synthetic image."""
+    image = synthetic_he(256, 256, tissue_fraction=1.0, seed=3)
+    net = AttentionNet(eta=20, stain_prior="logit", stain_prior_gain=2.0, stain_target=reinhard_stats([image]), **SMALL).eval()
+    x = (torch.as_tensor(np.moveaxis(image, -1, 0)[None] / 255.0, dtype=torch.float32) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    x = x / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = net.logits(x).flatten()
+        net.activation.running_tau.fill_(float(torch.quantile(logits, 0.05) + torch.quantile(logits, 0.95)) / 2)
+    return save_attention_network(net, tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def infer(model, input, output_dir, **overrides):
+    settings = {"bundle_root": str(REPO / "bundle"), "model_path": str(model), "input": str(input), "output_dir": str(output_dir),
+                "tta": False, "amp_dtype": None, "num_workers": 0, "progress": False, "device": torch.device("cpu"), **SMALL,
+                **overrides}
+    wf = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / "inference.json"), workflow_type="infer", **settings)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def check_outputs(out, name, level0_shape, is_image=False):
+    """The files of one slide are complete and consistent; returns (summary, features)."""
+    summary = json.loads((out / f"{name}.json").read_text())
+    assert set(summary["outputs"]) == {"geojson", "csv", "overlay"} | ({"instances"} if is_image else set())
+    collection = json.loads((out / f"{name}.geojson").read_text())
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert len(features) == summary["nuclei"]
+    slide_box = box(0, 0, level0_shape[1], level0_shape[0])
+    ids = set()
+    for f in features:
+        assert f["type"] == "Feature" and f["geometry"]["type"] == "Polygon"
+        assert f["properties"]["objectType"] == "detection"
+        ring = f["geometry"]["coordinates"][0]
+        assert ring[0] == ring[-1] and len(ring) >= 4
+        poly = Polygon(ring)
+        assert poly.is_valid and poly.area > 0 and slide_box.contains(poly)
+        ids.add(f["id"])
+    assert len(ids) == len(features)
+    rows = (out / f"{name}.csv").read_text().splitlines()
+    assert rows[0].startswith("id,centroid_x,centroid_y,area_um2") and len(rows) == 1 + len(features)
+    assert Image.open(out / f"{name}_overlay.png").size[0] > 0
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tmp"))
+    return summary, features
+
+
+def test_stitched_windows_equal_one_large_window(small_model, tmp_path):
+    """A nucleus straddling window borders appears once, with the same pixels as when the
+    whole image is one window."""
+    png = tmp_path / "image.png"
+    Image.fromarray(synthetic_he(520, 460, tissue_fraction=1.0, seed=5)).save(png)
+    common = {"base_magnification": 40, "use_tissue_mask": False, "halo": 40}
+    infer(small_model, png, tmp_path / "large", window=1024, **common)
+    infer(small_model, png, tmp_path / "small", window=96, **common)
+    large = np.asarray(Image.open(tmp_path / "large" / "image_instances.png")).astype(np.int64)
+    small = np.asarray(Image.open(tmp_path / "small" / "image_instances.png")).astype(np.int64)
+    summary_small = json.loads((tmp_path / "small" / "image.json").read_text())
+    assert summary_small["windows"] == 30  # 6 x 5 windows of 96 px
+    n_large = int(large.max())
+    assert n_large > 50
+    # every nucleus of the single window is one nucleus of the tiled run, pixel for pixel
+    same = 0
+    for lab in range(1, n_large + 1):
+        pixels = large == lab
+        values = np.unique(small[pixels])
+        if len(values) == 1 and values[0] > 0 and (small == values[0]).sum() == pixels.sum():
+            same += 1
+    assert same == n_large
+    assert int(small.max()) == n_large == summary_small["nuclei"]
+    check_outputs(tmp_path / "small", "image", large.shape, is_image=True)
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide"])
+def test_generated_pyramid(small_model, pyramid_slide, backend, tmp_path):
+    out = tmp_path / "out"
+    infer(small_model, pyramid_slide, out, backend=require_backend(backend), window=512)
+    summary, features = check_outputs(out, "generated_pyramid", (1536, 1280))
+    assert summary["magnification"] == 40 and summary["mpp"] == pytest.approx(0.25) and summary["windows"] == 6
+    assert summary["tissue_mm2"] == pytest.approx(1536 * 1280 * 0.6 * 0.25**2 / 1e6, rel=0.1)
+    assert summary["nuclei"] > 100
+    # nuclei lie in the tissue (left 60 %); their areas are those of the painted discs (r 5-9 px at 0.25 um)
+    xs = np.array([np.mean([p[0] for p in f["geometry"]["coordinates"][0]]) for f in features])
+    assert xs.max() < 0.6 * 1280 + 10
+    areas = np.array([f["properties"]["measurements"]["area_um2"] for f in features])
+    assert 5 < np.median(areas) < 20
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide"])
+def test_real_20x_slide_read_at_40x(small_model, backend, tmp_path):
+    path = require_slide(CMU_SLIDE)
+    out = tmp_path / "out"
+    infer(small_model, path, out, backend=require_backend(backend), roi=[1200, 600, 400, 400], window=512)
+    summary, features = check_outputs(out, "cmu_small_region", (2967, 2220))
+    assert summary["mpp"] == pytest.approx(0.499) and summary["analysis_mpp"] == 0.25
+    assert any("Enlarged to 40x" in w for w in summary["warnings"])
+    assert summary["nuclei"] > 10
+    roi = box(600, 1200, 1000, 1600)
+    inside = [Polygon(f["geometry"]["coordinates"][0]).centroid.within(roi.buffer(2)) for f in features]
+    assert all(inside)
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide"])
+def test_real_slide_without_mpp(small_model, backend, tmp_path):
+    path = require_slide(TCGA_SLIDE)
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        infer(small_model, path, out, backend=require_backend(backend))
+    messages = []
+    e = raised.value
+    while e is not None:  # the bundle wraps the slide's error in its own
+        messages.append(str(e))
+        e = e.__cause__
+    assert any(path.name in m and "--mpp" in m for m in messages)
+    assert not list(out.glob("*")) if out.exists() else True
+    infer(small_model, path, out, backend=backend, base_magnification=10, roi=[1500, 2000, 128, 128], window=512)
+    summary, _ = check_outputs(out, "tcga-cr-7395-01a-01-ts1", (3567, 4443))
+    assert summary["mpp"] == 1.0 and summary["mpp_source"] == "base_magnification given" and summary["windows"] == 1
+
+
+def test_blank_slide_gives_empty_valid_outputs_and_rerun_skips(small_model, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_pyramidal_tiff(folder / "blank.tiff", np.full((512, 512, 3), 246, np.uint8), mpp=0.25, levels=2)
+    write_pyramidal_tiff(folder / "tissue.tiff", synthetic_he(512, 512, tissue_fraction=1.0), mpp=0.25, levels=2)
+    out = tmp_path / "out"
+    infer(small_model, folder, out, backend=require_backend("openslide"))
+    summary, features = check_outputs(out, "blank", (512, 512))
+    assert summary["nuclei"] == 0 and features == [] and "no tissue" in summary["warnings"][0]
+    check_outputs(out, "tissue", (512, 512))
+    assert sorted(complete_slides(out)) == ["blank", "tissue"]
+    stamp = (out / "tissue.json").stat().st_mtime_ns
+    wf = infer(small_model, folder, out, backend="openslide")  # rerun: both complete, nothing recomputed
+    assert len(wf.parser.get_parsed_content("windows")) == 0 and (out / "tissue.json").stat().st_mtime_ns == stamp
+    (out / "tissue.csv").unlink()  # an incomplete slide is done again
+    assert complete_slides(out) == ["blank"]
+    infer(small_model, folder, out, backend="openslide")
+    assert (out / "tissue.json").stat().st_mtime_ns != stamp
+    check_outputs(out, "tissue", (512, 512))
+    # only blank slides: the engine has nothing to run, the outputs are written all the same
+    infer(small_model, folder / "blank.tiff", tmp_path / "blank_only", backend="openslide")
+    assert check_outputs(tmp_path / "blank_only", "blank", (512, 512))[0]["nuclei"] == 0
+
+
+def test_interrupted_slide_leaves_no_complete_looking_file(small_model, tmp_path, monkeypatch):
+    from custom import wsi_outputs
+
+    png = tmp_path / "image.png"
+    Image.fromarray(synthetic_he(300, 300, tissue_fraction=1.0)).save(png)
+    calls = {"n": 0}
+    original = wsi_outputs.SlideNucleiWriter._add_nuclei
+
+    def fail_on_second(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(wsi_outputs.SlideNucleiWriter, "_add_nuclei", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        infer(small_model, png, tmp_path / "out", base_magnification=40, window=128)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == []
+
+
+def test_segment_script_with_the_shipped_model(tmp_path):
+    """The fresh-clone command: segment a validation image with the committed model."""
+    data = require_monuseg()
+    image = data / "images" / "TCGA-21-5784-01Z-00-DX1.png"
+    if not image.is_file():
+        pytest.skip(f"{image} not found")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "scripts" / "segment.py"), str(image), "--out", str(tmp_path / "out"),
+           "--base_magnification", "40", "--tta", "False", "--progress", "False"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, _ = check_outputs(tmp_path / "out", image.stem, (1000, 1000), is_image=True)
+    instances = np.asarray(Image.open(tmp_path / "out" / f"{image.stem}_instances.png"))
+    assert summary["nuclei"] == int(instances.max()) > 200
+    # a slide without pixel size: a non-zero exit that says what to pass, and no output
+    if TCGA_SLIDE.is_file():
+        bad = subprocess.run([sys.executable, str(REPO / "scripts" / "segment.py"), str(TCGA_SLIDE), "--out", str(tmp_path / "bad")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0 and "--mpp" in bad.stderr
+        assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*"))
+
+
+assert MONUSEG  # imported for the data location used by require_monuseg
