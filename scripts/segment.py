@@ -44,8 +44,19 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         overwrite: recompute slides whose outputs are already complete.
         **overrides: any other inference.json key (window, halo, roi, magnification, amp_dtype, num_workers, ...).
     """
+    import difflib
+    import json
+
     import torch
     from monai.bundle import ConfigWorkflow
+
+    config_file = REPO / "bundle" / "configs" / "inference.json"
+    known = set(json.loads(config_file.read_text()))
+    for key in overrides:
+        if key.split("#")[0] not in known:  # a typo would otherwise be silently ignored
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean --{close[0]}?" if close else ""
+            raise ValueError(f"--{key}: not a key of {config_file.name}.{hint}")
 
     settings = {"input": str(input), "output_dir": str(out), "backend": backend, "mpp": mpp, "base_magnification": base_magnification,
                 "tta": tta, "overwrite": overwrite, "bundle_root": str(REPO / "bundle"), **overrides}
@@ -53,7 +64,7 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         settings["model_path"] = str(model)
     if device is not None:
         settings["device"] = torch.device(device)
-    workflow = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / "inference.json"), workflow_type="infer",
+    workflow = ConfigWorkflow(config_file=str(config_file), workflow_type="infer",
                               logging_file=str(REPO / "bundle" / "configs" / "logging.conf"), **settings)
     workflow.initialize()
     try:

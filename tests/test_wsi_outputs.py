@@ -218,6 +218,10 @@ def test_segment_script_with_the_shipped_model(tmp_path):
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert bad.returncode != 0 and "--mpp" in bad.stderr
         assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*"))
+    # a misspelt option is refused, not silently ignored
+    typo = subprocess.run([sys.executable, str(REPO / "scripts" / "segment.py"), str(image), "--out", str(tmp_path / "typo"), "--windw", "512"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert typo.returncode != 0 and "Did you mean --window?" in typo.stderr and not (tmp_path / "typo").exists()
 
 
 assert MONUSEG  # imported for the data location used by require_monuseg
