@@ -22,7 +22,7 @@ from custom.networks import AttentionNet, save_attention_network
 from custom.transforms import reinhard_stats
 from custom.wsi import write_pyramidal_tiff
 from custom.wsi_outputs import complete_slides
-from tests.conftest import CMU_SLIDE, MONUSEG, REPO, TCGA_SLIDE, require_backend, require_monuseg, require_slide, synthetic_he
+from tests.conftest import CMU_SLIDE, REPO, TCGA_SLIDE, require_backend, require_monuseg, require_slide, synthetic_he
 
 shapely = pytest.importorskip("shapely")
 from shapely.geometry import Polygon, box  # noqa: E402
@@ -224,5 +224,3 @@ def test_segment_script_with_the_shipped_model(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert typo.returncode != 0 and "Did you mean --window?" in typo.stderr and not (tmp_path / "typo").exists()
 
-
-assert MONUSEG  # imported for the data location used by require_monuseg
