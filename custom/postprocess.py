@@ -212,12 +212,13 @@ def keep_centred(labels: np.ndarray, core: Sequence[int], max_size: int = 0) -> 
     n = int(labels.max(initial=0))
     if n == 0:
         return np.zeros(labels.shape, np.int32)
-    index = np.arange(1, n + 1)
-    counts = ndimage.sum_labels(np.ones(labels.shape), labels, index)
+    flat = labels.ravel().astype(np.int64)
+    h, w = labels.shape
+    counts = np.bincount(flat, minlength=n + 1)[1:]
     present = counts > 0
-    with np.errstate(invalid="ignore"):  # absent labels have no centroid (NaN); `present` drops them
-        cy = np.floor(ndimage.mean(np.arange(labels.shape[0])[:, None] * np.ones(labels.shape[1]), labels, index)).astype(np.int64)
-        cx = np.floor(ndimage.mean(np.ones(labels.shape[0])[:, None] * np.arange(labels.shape[1]), labels, index)).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):  # absent labels have no centroid (NaN); `present` drops them
+        cy = np.floor(np.bincount(flat, np.repeat(np.arange(h, dtype=np.float64), w), n + 1)[1:] / counts)
+        cx = np.floor(np.bincount(flat, np.tile(np.arange(w, dtype=np.float64), h), n + 1)[1:] / counts)
     keep = np.zeros(n + 1, bool)
     keep[1:] = present & (cy >= y0) & (cy < y1) & (cx >= x0) & (cx < x1)
     if max_size:

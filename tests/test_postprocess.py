@@ -14,6 +14,7 @@ from custom.postprocess import (
     AttentionToInstancesd,
     InstanceSegmentationHandler,
     attention_to_instances,
+    keep_centred,
     mask_to_instances,
 )
 
@@ -190,3 +191,17 @@ def test_monai_evaluator_postprocessing(via_handler):
     for item in out:
         assert item["pred_instances"].shape == (1, 24, 20) and item["pred_instances"].dtype == torch.int32
         np.testing.assert_array_equal(item["pred_instances"][0].numpy(), attention_to_instances(item["pred"]))
+
+
+def test_keep_centred_keeps_nuclei_centred_in_the_core():
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:6, 2:6] = 3  # centroid (3.5, 3.5) -> pixel (3, 3): inside the core [3, 10)
+    labels[12:16, 2:6] = 5  # centroid row 13.5: below the core
+    labels[4:10, 8:18] = 7  # centroid (6.5, 12.5) -> pixel (6, 12): inside the core, though it reaches past it; 60 pixels
+    out = keep_centred(labels, (3, 3, 10, 13))
+    assert out.dtype == np.int32 and out.max() == 2  # renumbered 1..N
+    assert set(np.unique(out[labels == 3])) == {1} and set(np.unique(out[labels == 7])) == {2}
+    assert not out[labels == 5].any()
+    capped = keep_centred(labels, (3, 3, 10, 13), max_size=59)  # the 60-pixel instance is too large
+    assert capped.max() == 1 and not capped[labels == 7].any()
+    assert keep_centred(np.zeros((4, 4), np.int32), (0, 0, 4, 4)).max() == 0
