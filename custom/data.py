@@ -268,9 +268,22 @@ class BalancedMagnificationBatchSampler(Sampler):
         batch_size: tiles per batch.
         num_batches: batches per epoch (paper: 100 iterations).
         seed: the epoch-``e`` order is drawn from ``(seed, e)``, so it is reproducible.
+        rank, world_size: distributed training (torchrun): every rank draws the same global
+            batch of ``batch_size * world_size`` balanced tiles and yields its own
+            ``batch_size`` slice of it, so the ranks see disjoint tiles and the step that
+            DistributedDataParallel averages is over one balanced global batch.
     """
 
-    def __init__(self, num_images: int | Sequence[int], num_magnifications: int, batch_size: int, num_batches: int, seed: int = 0):
+    def __init__(
+        self,
+        num_images: int | Sequence[int],
+        num_magnifications: int,
+        batch_size: int,
+        num_batches: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         sizes = [int(num_images)] * int(num_magnifications) if np.ndim(num_images) == 0 else [int(n) for n in num_images]
         if min(sizes, default=0) < 1 or num_magnifications < 1 or batch_size < 1 or num_batches < 1:
             raise ValueError(
@@ -282,7 +295,10 @@ class BalancedMagnificationBatchSampler(Sampler):
         self.class_sizes = sizes
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         self.num_images, self.num_magnifications = num_images, int(num_magnifications)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"BalancedMagnificationBatchSampler: rank must be in [0, world_size), got rank={rank}, world_size={world_size}.")
         self.batch_size, self.num_batches, self.seed = int(batch_size), int(num_batches), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -293,26 +309,31 @@ class BalancedMagnificationBatchSampler(Sampler):
         return self.num_batches
 
     def class_counts(self, batch_index: int) -> list[int]:
-        """Tiles per magnification in global batch ``batch_index``."""
-        base, extra = divmod(self.batch_size, self.num_magnifications)
+        """Tiles per magnification in global batch ``batch_index`` (all ranks together)."""
+        base, extra = divmod(self.batch_size * self.world_size, self.num_magnifications)
         counts = [base] * self.num_magnifications
         for j in range(extra):
             counts[(batch_index * extra + j) % self.num_magnifications] += 1
         return counts
 
     def __iter__(self):
-        rng = np.random.default_rng((self.seed, self.epoch))
+        # The epoch is read, and advanced for an iteration without set_epoch, when the first batch is
+        # asked for. Not after the last one: a loader stopped after ``num_batches`` (Ignite's
+        # epoch_length) finishes this generator only at the next epoch, after its set_epoch, which an
+        # increment there would undo (the next epoch would then draw epoch e + 1's order, a resumed run e's).
+        epoch = self.epoch
+        self.epoch = epoch + 1
+        rng = np.random.default_rng((self.seed, epoch))
         pools: list[list[int]] = [[] for _ in range(self.num_magnifications)]
         for b in range(self.num_batches):
             batch = []
-            for m, count in enumerate(self.class_counts(self.epoch * self.num_batches + b)):
+            for m, count in enumerate(self.class_counts(epoch * self.num_batches + b)):
                 for _ in range(count):
                     if not pools[m]:
                         pools[m] = rng.permutation(self.class_sizes[m]).tolist()
                     batch.append(self.offsets[m] + pools[m].pop())
             batch = [batch[i] for i in rng.permutation(len(batch))]
-            yield batch
-        self.epoch += 1
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
 
 def reinhard_target(

@@ -294,7 +294,9 @@ class SlideWindowDataset(Dataset):
         if dupes:
             raise ValueError(f"several slides share the name {dupes[:3]}; outputs are named after slides, so names must be unique.")
         excluded = set(exclude or ())
-        paths = [p for p in paths if p.stem not in excluded][int(rank) :: int(world_size)]
+        # shard first, then drop finished slides: every rank sees the same full list, so the
+        # shards never depend on which slides another rank has already finished
+        paths = [p for p in paths[int(rank) :: int(world_size)] if p.stem not in excluded]
         self.slides_info: list[dict] = []
         self.windows: list[tuple[int, int, int, int, int, int]] = []  # (slide, window, cy0, cx0, cy1, cx1)
         self.stain: list[np.ndarray] = []

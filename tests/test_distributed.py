@@ -1,0 +1,100 @@
+"""Distributed runs on CPU with ``torchrun --standalone --nproc_per_node=2`` (Gloo):
+training with ``multi_gpu_train.json`` (DistributedDataParallel) and whole-slide
+inference sharded over ranks (``RANK``/``WORLD_SIZE`` in ``inference.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from custom.data import BalancedMagnificationBatchSampler
+from tests.conftest import REPO, make_prepared_dataset
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+# written by the test: each rank saves what it trained, to compare ranks afterwards
+SAVE_EACH_RANK = {
+    "finalize": [
+        "$torch.save({'state': @network.module.state_dict(), 'optimizer': @optimizer.state_dict(), "
+        "'iteration': @train#trainer.state.iteration}, os.path.join(@output_dir, 'rank' + str(@rank) + '.pt'))",
+        "$@summary_writer.close()",
+        "$dist.is_initialized() and dist.destroy_process_group()",
+    ]
+}
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_distributed_sampler_ranks_split_one_balanced_global_batch():
+    ranks = [BalancedMagnificationBatchSampler(5, 3, batch_size=4, num_batches=6, seed=1, rank=r, world_size=3) for r in range(3)]
+    single = BalancedMagnificationBatchSampler(5, 3, batch_size=12, num_batches=6, seed=1)
+    for batches, whole in zip(zip(*[list(s) for s in ranks]), single):
+        assert all(len(b) == 4 for b in batches)
+        assert sorted(sum(batches, [])) == sorted(whole)  # the ranks' slices make up the single-process batch
+        counts = np.bincount([i // 5 for i in sum(batches, [])], minlength=3)
+        assert counts.tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match="rank"):
+        BalancedMagnificationBatchSampler(5, 3, batch_size=4, num_batches=2, rank=2, world_size=2)
+
+
+def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
+    dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=256)
+    out = tmp_path / "run"
+    extra = tmp_path / "save_each_rank.json"
+    extra.write_text(json.dumps(SAVE_EACH_RANK))
+    configs = f"['bundle/configs/train.json','bundle/configs/multi_gpu_train.json','{extra}']"
+    cmd = TORCHRUN + ["-m", "monai.bundle", "run", "training", "--config_file", configs,
+                      "--dataset_dir", str(dataset), "--download", "False", "--output_dir", str(out),
+                      "--model_path", str(out / "model.pt"), "--width", "4", "--crop_size", "64", "--batch_size", "6",
+                      "--epochs", "1", "--iterations_per_epoch", "2", "--num_workers", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["iteration"] == r1["iteration"] == 2
+    for r in (r0, r1):  # both ranks took 2 optimiser steps
+        steps = {int(s["step"]) for s in r["optimizer"]["state"].values()}
+        assert steps == {2}
+    params = [k for k, v in r0["state"].items() if isinstance(v, torch.Tensor)]
+    assert len(params) > 100
+    different = [k for k in params if not torch.equal(r0["state"][k], r1["state"][k])]
+    assert not different, f"ranks disagree after training: {different[:5]}"
+    # rank 0 alone wrote checkpoints, the exported F and TensorBoard events in output_dir
+    assert (out / "checkpoints" / "checkpoint_final.pt").is_file() and (out / "model.pt").is_file()
+    assert len(list(out.glob("events.out.tfevents*"))) == 1
+
+
+def test_torchrun_two_ranks_shard_slides_each_output_once(tmp_path):
+    images = make_prepared_dataset(tmp_path / "data", n_images=3, size=192) / "images"
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i, path in enumerate(sorted(images.glob("*.png"))):
+        shutil.copy(path, slides / f"slide{i}.png")
+    out = tmp_path / "out"
+    cmd = TORCHRUN + ["scripts/segment.py", str(slides), "--out", str(out), "--base_magnification", "40", "--tta", "False",
+                      "--use_tissue_mask", "False", "--progress", "False"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summaries = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(summaries) == ["slide0", "slide1", "slide2"]
+    # slides rank::world_size: rank 0 takes slides 0 and 2, rank 1 slide 1
+    ranks = {name: (s["rank"], s["world_size"]) for name, s in summaries.items()}
+    assert ranks == {"slide0": (0, 2), "slide1": (1, 2), "slide2": (0, 2)}
+    for name in summaries:
+        assert (out / f"{name}.geojson").is_file() and (out / f"{name}.csv").is_file()
+    # each slide segmented once: the writer logs "<slide>: N nuclei in S s" once per slide it finishes
+    finished = re.findall(r"(slide\d): \d+ nuclei in", proc.stdout + proc.stderr)
+    assert sorted(finished) == ["slide0", "slide1", "slide2"]
