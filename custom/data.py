@@ -29,6 +29,8 @@ __all__ = [
     "BalancedMagnificationBatchSampler",
     "MultiMagnificationDataset",
     "PreparedImageDataset",
+    "check_label_file",
+    "crop_within_tile",
     "downsample",
     "list_ids",
     "load_label",
@@ -83,14 +85,74 @@ def list_ids(dataset_dir: str | Path, split: str | None = None, ids: Sequence[st
     return list(ids)
 
 
+# PIL modes of colour images that convert to RGB without losing the stain colours
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "P", "YCbCr", "LAB", "HSV")
+# PIL modes of single-channel integer images: the instance maps
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def crop_within_tile(crop_size: int, tile_size: int) -> int:
+    """``tile_size`` (px) after checking that a ``crop_size`` px training crop fits in it.
+
+    Raises:
+        ValueError: when the crop is larger than the tile, naming both settings.
+    """
+    if int(crop_size) > int(tile_size):
+        raise ValueError(f"crop_size {crop_size} is larger than tile_size {tile_size}: set --crop_size <= --tile_size.")
+    return int(tile_size)
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 ``(H, W, 3)`` (alpha dropped, grayscale expanded)."""
+    """Read a colour image file as RGB uint8 ``(H, W, 3)`` (alpha dropped; palette and CMYK converted).
+
+    Raises:
+        ValueError: naming the file, when it cannot be decoded or is not a colour image
+            (grayscale or binary: H&E needs its colours).
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if im.mode not in _COLOUR_MODES or (im.mode == "P" and _palette_is_gray(im)):
+                raise ValueError(
+                    f"{path}: a {im.mode!r} image is not colour; H&E segmentation needs RGB. Use the original colour scan."
+                )
             return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot be read as an image ({e}).") from e
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot be read as an image ({e}). Check that the file is a complete PNG/JPEG/TIFF.") from e
+
+
+def _palette_is_gray(im: Image.Image) -> bool:
+    """Whether a palette image's colours are all gray levels."""
+    palette = np.asarray(im.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+    return len(palette) > 0 and bool((palette.max(1) == palette.min(1)).all())
+
+
+def check_label_file(label: Path, image: Path) -> None:
+    """Check, from the file headers only, that ``label`` is a single-channel integer instance
+    map of the same size as ``image``.
+
+    Raises:
+        ValueError: naming the label file, what is wrong and what it must be.
+    """
+    sizes = {}
+    for path, what in ((image, "an image"), (label, "a label image")):
+        try:
+            with Image.open(path) as im:
+                sizes[path], mode = im.size, im.mode
+        except (OSError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{path}: cannot be read as {what} ({e}).") from e
+    size, image_size = sizes[label], sizes[image]
+    if mode not in _LABEL_MODES:
+        what = "a binary mask" if mode == "1" else f"a {mode!r} image"
+        raise ValueError(
+            f"{label}: is {what}; a label must be a single-channel integer instance map (0 = background, one id per "
+            "nucleus; 8/16/32-bit PNG). Number the nuclei of a binary mask with scipy.ndimage.label."
+        )
+    if size != image_size:
+        raise ValueError(
+            f"{label}: label is {size[1]}x{size[0]} but its image {image.name} is {image_size[1]}x{image_size[0]}; "
+            "they must be the same size."
+        )
 
 
 def load_label(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -135,6 +197,8 @@ class PreparedImageDataset(Dataset):
                     f"{self.root / 'labels'}: {len(missing)} images have no label (e.g. {missing[:3]}); "
                     "evaluation needs labels/<id>.png for every image."
                 )
+            for i in self.ids:  # headers only: a wrong label stops here, not after an epoch of training
+                check_label_file(self.root / "labels" / f"{i}.png", self.root / "images" / f"{i}.png")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -183,7 +247,8 @@ class MultiMagnificationDataset(Dataset):
         base_magnification: magnification of the stored images.
         transform: applied to ``{"image": uint8 (3, h, w), "label": int, "id", "magnification"}``.
         fixed_crops: None (whole views) or the number of fixed crops per view.
-        crop_size: size of the fixed crops in pixels.
+        crop_size: size of the crops in pixels (fixed crops, or the training transform's random
+            crops): every view must be at least this large.
         seed: seed of the fixed crop positions.
     """
 
@@ -213,6 +278,15 @@ class MultiMagnificationDataset(Dataset):
         chw = [np.ascontiguousarray(np.moveaxis(img, -1, 0)) for img in self.base_images]
         for m in self.magnifications:
             self.views.append([downsample(img, base_magnification / m) for img in chw])
+        for mi, views in enumerate(self.views):  # random training crops and fixed validation crops alike
+            for ii, view in enumerate(views):
+                h, w = view.shape[1:]
+                if h < crop_size or w < crop_size:
+                    raise ValueError(
+                        f"image {self.ids[ii]} at {self.magnifications[mi]:g}x is {h}x{w}, smaller than crop_size {crop_size}: "
+                        f"use images of at least {int(np.ceil(crop_size * base_magnification / min(self.magnifications)))} px "
+                        "at the base magnification, or a smaller --crop_size."
+                    )
         self.crops: list[tuple[int, int, int, int]] | None = None
         if fixed_crops is not None:
             rng = np.random.default_rng(seed)
@@ -222,10 +296,6 @@ class MultiMagnificationDataset(Dataset):
                 for _ in range(int(fixed_crops)):
                     for mi, views in enumerate(self.views):
                         h, w = views[ii].shape[1:]
-                        if h < crop_size or w < crop_size:
-                            raise ValueError(
-                                f"image {self.ids[ii]} at {self.magnifications[mi]:g}x is {h}x{w}, smaller than crop_size {crop_size}."
-                            )
                         y, x = int(rng.integers(0, h - crop_size + 1)), int(rng.integers(0, w - crop_size + 1))
                         self.crops.append((mi, ii, y, x))
             self.crop_size = int(crop_size)
@@ -299,11 +369,14 @@ class BalancedMagnificationBatchSampler(Sampler):
             raise ValueError(f"BalancedMagnificationBatchSampler: rank must be in [0, world_size), got rank={rank}, world_size={world_size}.")
         self.batch_size, self.num_batches, self.seed = int(batch_size), int(num_batches), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration yields."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the epoch (0-based) whose order the next iteration yields, from its batch
+        ``start`` on (a run resumed in the middle of an epoch skips the batches it has done)."""
+        if not 0 <= int(start) < self.num_batches:
+            raise ValueError(f"start batch must be in [0, {self.num_batches}), got {start}.")
+        self.epoch, self.start = int(epoch), int(start)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -321,8 +394,8 @@ class BalancedMagnificationBatchSampler(Sampler):
         # asked for. Not after the last one: a loader stopped after ``num_batches`` (Ignite's
         # epoch_length) finishes this generator only at the next epoch, after its set_epoch, which an
         # increment there would undo (the next epoch would then draw epoch e + 1's order, a resumed run e's).
-        epoch = self.epoch
-        self.epoch = epoch + 1
+        epoch, start = self.epoch, self.start
+        self.epoch, self.start = epoch + 1, 0
         rng = np.random.default_rng((self.seed, epoch))
         pools: list[list[int]] = [[] for _ in range(self.num_magnifications)]
         for b in range(self.num_batches):
@@ -333,7 +406,8 @@ class BalancedMagnificationBatchSampler(Sampler):
                         pools[m] = rng.permutation(self.class_sizes[m]).tolist()
                     batch.append(self.offsets[m] + pools[m].pop())
             batch = [batch[i] for i in rng.permutation(len(batch))]
-            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            if b >= start:  # skipped batches are still drawn: the later ones stay those of the full epoch
+                yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
 
 def reinhard_target(

@@ -365,12 +365,29 @@ def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
 
     Accepts the exported ``model.pt`` (F's state dict) or a training checkpoint
     (``{"network": state of ScaleAttentionModel, ...}``, F's keys under ``attention.``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a readable PyTorch checkpoint, holds no attention-network
+            weights, or weights of another width/architecture (each message names the file).
+        FloatingPointError: a weight or buffer in ``path`` is NaN or infinite.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model weights {path}: no such file. Pass --model_path (or --model) the model.pt to use.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (zip/pickle errors of torch.load come in many types)
+        raise ValueError(
+            f"model weights {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "The file is truncated or not a model; copy or export it again."
+        ) from None  # the first line of torch's message is kept above; its traceback adds nothing for the user
     if isinstance(state, dict) and isinstance(state.get("network"), dict):
         state = {k[len("attention."):]: v for k, v in state["network"].items() if k.startswith("attention.")}
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: holds no attention-network weights (expected model.pt or a training checkpoint).")
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"model weights {path}: NaN or infinite values in {bad[:3]}; use an earlier checkpoint.")
     if "_extra_state" not in state:  # saved before stain target / post-processing were stored: keep the net's own
         state = {**state, "_extra_state": net.get_extra_state()}
     try:
