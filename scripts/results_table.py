@@ -7,6 +7,7 @@ Usage::
     python scripts/results_table.py                      # every bundle/eval/*/summary.json
     python scripts/results_table.py bundle/eval/model bundle/eval/hematoxylin_otsu --paper false
     python scripts/results_table.py --out bundle/docs/results.md
+    python scripts/results_table.py --into README.md      # refill the README's generated block
 
 Rows: one per summary (its ``method``), in the order given (default: sorted by AJI),
 then the paper's Table 1 rows for reference, labelled as measured on the MoNuSeg
@@ -82,7 +83,22 @@ def _aji_key(summary: dict) -> float:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else -1.0
 
 
-def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None) -> None:
+START, END = "<!-- results table: generated -->", "<!-- end of results table -->"
+
+
+def replace_block(text: str, table_text: str, source: str = "the document") -> str:
+    """``text`` with the lines between the START and END markers replaced by ``table_text``.
+
+    Raises:
+        ValueError: naming ``source`` when the markers are missing or out of order.
+    """
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{source}: no '{START}' ... '{END}' block to fill.")
+    return text[: start + len(START)] + "\n" + table_text + "\n" + text[end:]
+
+
+def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None) -> None:
     """Print (and optionally write to ``out``) the comparison table.
 
     Args:
@@ -90,6 +106,9 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
         paper: append the paper's Table 1 rows (their test set) for reference.
         sort: order this bundle's rows by AJI, best first (else in the given order).
         out: also write the table to this file (atomically).
+        into: also put the table into this Markdown file, between the lines
+            ``<!-- results table: generated -->`` and ``<!-- end of results table -->``
+            (README.md and bundle/docs/README.md have that block).
     """
     if not paths:
         paths = sorted(str(p) for p in (REPO / "bundle" / "eval").glob("*/summary.json"))
@@ -101,6 +120,12 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
     text = table(summaries, flag(paper, "--paper"))
     if out:
         write_atomic(out, lambda tmp: Path(tmp).write_text(text + "\n"))
+    if into:
+        try:
+            filled = replace_block(Path(into).read_text(), text, into)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--into {into}: {e}") from e
+        write_atomic(into, lambda tmp: Path(tmp).write_text(filled))
     print(text)
 
 

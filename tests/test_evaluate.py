@@ -180,3 +180,25 @@ def test_table_formats_missing_values(tmp_path):
     assert text.splitlines()[2] == "| m | ? (?) | ? / ? | 0.5000 | - | - | - | - | - |"
     folder = _summary(tmp_path / "a", "a", 0.1)
     assert [s["method"] for s in module.load_summaries([folder, folder / "summary.json"])] == ["a", "a"]
+
+
+def test_the_documents_tables_are_the_generated_ones(tmp_path):
+    """README.md and the model card carry the table results_table.py makes from the
+    committed bundle/eval summaries, not typed numbers; --into refills the block."""
+    spec = importlib.util.spec_from_file_location("results_table", REPO / "scripts" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summaries = module.load_summaries(sorted((REPO / "bundle" / "eval").glob("*/summary.json")))
+    summaries.sort(key=lambda s: -module._aji_key(s))
+    expected = module.table(summaries)
+    for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
+        text = doc.read_text()
+        block = text[text.index(module.START) + len(module.START): text.index(module.END)].strip()
+        assert block == expected, f"{doc}: run python scripts/results_table.py --into {doc.relative_to(REPO)}"
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{module.START}\nold\n{module.END}\nrest\n")
+    proc = run_script("results_table.py", *(str(p) for p in sorted((REPO / "bundle" / "eval").glob("*/summary.json"))), "--into", str(page))
+    assert proc.returncode == 0 and page.read_text() == f"intro\n{module.START}\n{expected}\n{module.END}\nrest\n"
+    page.write_text("no markers")
+    proc = run_script("results_table.py", "--into", str(page))
+    assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
