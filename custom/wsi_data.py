@@ -4,6 +4,19 @@ paper's M_proposed setting) and overlapping inference windows.
 Both open slides lazily in each worker process (slide handles are not shared
 across processes) and read only the regions they need, so memory is bounded by
 a tile or a window, never by a slide level.
+
+Bad slides in a batch (:class:`SlideWindowDataset`): a slide that cannot be used
+(missing, empty, damaged, unsupported, grayscale, no pixel size, ...: a
+:class:`custom.wsi.SlideError`) is logged as an ERROR when the windows are laid
+out and left out, and the other slides are segmented; the writer
+(:class:`custom.wsi_outputs.SlideNucleiWriter`) raises after the run, listing
+them, so a batch ends with a non-zero exit and the complete outputs of its good
+slides (a rerun skips those and tries the failed ones again). When every slide
+fails, the error is raised at once (the slide's own error for a single input).
+A read error in the middle of a slide's windows (damage the checks at opening
+cannot see) stops the run: the slides finished so far keep their outputs, the
+unfinished one leaves none. A slide without tissue is not an error: it gets a
+WARNING and empty but valid outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from torch.utils.data import Dataset
 
 from custom.config import flag
 from custom.transforms import reinhard_source_stats
-from custom.wsi import MagnificationUnavailable, Slide, TissueParams, list_slides, magnification_to_mpp, tissue_mask
+from custom.wsi import MagnificationUnavailable, Slide, SlideError, TissueParams, list_slides, magnification_to_mpp, tissue_mask
 
 __all__ = ["SlideWindowDataset", "WSITileDataset", "tile_coverage"]
 
@@ -63,6 +76,12 @@ class _SlideCache:
         if path not in self._open:
             self._open[path] = Slide(path, self.backend, self.mpp, self.base_magnification)
         return self._open[path]
+
+    def close(self, path: Path) -> None:
+        """Close a slide opened in this process (a slide left out)."""
+        slide = self._open.pop(path, None) if self._pid == os.getpid() else None
+        if slide is not None:
+            slide.close()
 
     def __getstate__(self):
         return {"backend": self.backend, "mpp": self.mpp, "base_magnification": self.base_magnification}
@@ -233,7 +252,9 @@ class SlideWindowDataset(Dataset):
         window int               window number within its slide, 0 .. num_windows - 1
 
     ``slides_info[i]`` describes slide ``i`` (name, path, pixel size, scale to level 0,
-    tissue area, number of windows, ...).
+    tissue area, number of windows, ...); a slide that could not be used has only
+    ``index``, ``name``, ``path``, ``error`` (the message) and ``num_windows`` = 0 (see the
+    module docstring; :attr:`failed` lists them).
 
     Args:
         slides: slide files, a folder or a CSV (see :func:`custom.wsi.list_slides`).
@@ -296,17 +317,37 @@ class SlideWindowDataset(Dataset):
         excluded = set(exclude or ())
         # shard first, then drop finished slides: every rank sees the same full list, so the
         # shards never depend on which slides another rank has already finished
+        listed = len(paths)
         paths = [p for p in paths[int(rank) :: int(world_size)] if p.stem not in excluded]
         self.slides_info: list[dict] = []
         self.windows: list[tuple[int, int, int, int, int, int]] = []  # (slide, window, cy0, cx0, cy1, cx1)
         self.stain: list[np.ndarray] = []
+        errors: list[SlideError] = []
         for path in paths:
-            self._add_slide(path, int(stain_regions), int(stain_region_size))
+            try:
+                self._add_slide(path, int(stain_regions), int(stain_region_size))
+            except SlideError as e:
+                errors.append(e)
+                self.slides_info.append({"index": len(self.slides_info), "name": path.stem, "path": str(path), "error": str(e), "num_windows": 0})
+                self.stain.append(np.full(7, np.nan))
+                self._slides.close(path)
+                if len(paths) > 1:
+                    logger.error("%s Skipping it; the other slides go on.", e)
+        if errors and len(errors) == len(paths):
+            if len(errors) == 1:
+                raise errors[0]
+            others = f" ({listed - len(paths)} other slides are done or in another shard)" if listed > len(paths) else ""
+            raise SlideError(f"none of the {len(paths)} slides can be segmented{others}:\n" + "\n".join(f"  {e}" for e in errors))
+
+    @property
+    def failed(self) -> list[dict]:
+        """``slides_info`` entries of the slides that could not be used (``error``: the message)."""
+        return [info for info in self.slides_info if "error" in info]
 
     def _add_slide(self, path: Path, stain_regions: int, stain_size: int) -> None:
         slide = self._slides(path)
         si = len(self.slides_info)
-        warnings = []
+        warnings = [f"{slide.conversion}."] if slide.conversion else []
         slide.require_mpp()
         try:
             slide.level_for(self.target_mpp)
@@ -335,13 +376,20 @@ class SlideWindowDataset(Dataset):
         else:
             tissue_mm2 = (y1 - y0) * (x1 - x0) * (self.target_mpp**2) / 1e6
         if not cores:
-            warnings.append("no tissue found: the outputs are empty.")
+            t = self.tissue
+            where = "its region of interest" if self.roi is not None else "it"
+            warnings.append(
+                f"no tissue found in {where} (tissue: saturation >= {t.min_saturation:g}, brightness in [{t.min_value:g}, {t.max_value:g}], "
+                f"pieces >= {t.min_area_um2:g} um^2): the outputs are empty. If it has tissue, lower the thresholds "
+                "(e.g. --tissue#min_saturation 0.03) or pass --use_tissue_mask False.")
             logger.warning("%s: %s", path, warnings[-1])
+        # everything that can fail is done: add the slide
+        stain = self._stain_stats(slide, (y0, x0, y1, x1), mask, factor, stain_regions, stain_size) if cores else np.full(7, np.nan)
         for wi, c in enumerate(cores):
             self.windows.append((si, wi, *c))
-        self.stain.append(self._stain_stats(slide, (y0, x0, y1, x1), mask, factor, stain_regions, stain_size) if cores else np.full(7, np.nan))
+        self.stain.append(stain)
         self.slides_info.append({
-            "index": si, "name": path.stem, "path": str(path), "backend": slide.backend, "is_image": slide.backend == "image",
+            "index": si, "name": path.stem, "path": str(path), "backend": slide.backend, "is_image": slide.is_image,
             "level0_shape": list(slide.shape), "mpp": slide.mpp, "mpp_source": slide.mpp_source,
             "magnification": self.magnification, "analysis_mpp": self.target_mpp, "scale_to_level0": f,
             "analysis_shape": [h, w], "roi": self.roi, "tissue_mm2": tissue_mm2, "num_windows": len(cores), "warnings": warnings,

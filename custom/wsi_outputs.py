@@ -10,6 +10,13 @@ maps into stitched nuclei and writes, per slide::
 Every file is written under a temporary name and renamed when complete; the
 summary comes last and lists the others, so a slide counts as done only when its
 summary exists and every file it lists is there (:func:`complete_slides`).
+
+A slide without tissue gets empty but valid outputs (a FeatureCollection without
+features, a CSV with its header only, the overlay and the summary with the
+warning). A slide that could not be used (``"error"`` in its ``slides_info``
+entry, see :mod:`custom.wsi_data`) gets no file at all; after the run
+:meth:`SlideNucleiWriter.finish_empty_slides` raises a
+:class:`custom.wsi.SlideError` listing those slides, once the others are written.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from tqdm import tqdm
 from custom.handlers import _items, write_atomic
 from custom.nuclei import GeoJSONWriter, NucleusCSVWriter, instance_polygons, nucleus_feature, nucleus_measurements
 from custom.postprocess import attention_to_instances, keep_centred
-from custom.wsi import Slide
+from custom.wsi import Slide, SlideError
 
 __all__ = ["SlideNucleiWriter", "complete_slides", "slide_outputs"]
 
@@ -78,7 +85,8 @@ class _SlideRun:
         self.t0 = time.perf_counter()
         self.geojson = GeoJSONWriter(self.paths["geojson"])
         self.csv = NucleusCSVWriter(self.paths["csv"])
-        with Slide(info["path"], "cucim" if info["backend"] == "image" else info["backend"], mpp=info["mpp"]) as slide:
+        backend = info["backend"] if info["backend"] in ("cucim", "openslide") else "cucim"  # Pillow/tifffile files open the same way
+        with Slide(info["path"], backend, mpp=info["mpp"]) as slide:
             self.thumb, self.thumb_factor = slide.thumbnail(overlay_size)
         self.overlay = Image.fromarray(self.thumb)
         self.draw = ImageDraw.Draw(self.overlay)
@@ -103,7 +111,9 @@ class SlideNucleiWriter:
     and their polygons, measurements and outlines are appended to the slide's outputs.
     When a slide's last window is done its files are closed and renamed and its
     summary written. Slides without tissue get empty but valid outputs at the start.
-    On an exception the open slide's temporary files are deleted.
+    On an exception the open slide's temporary files are deleted. Slides that could not
+    be used (``"error"`` in their ``slides_info``) get no outputs, and
+    :meth:`finish_empty_slides`, the last step of the run, raises for them.
 
     Args:
         output_dir: folder for the outputs.
@@ -148,15 +158,29 @@ class SlideNucleiWriter:
         return self.runs[si]
 
     def _start(self, engine: Engine) -> None:
-        self.finish_empty_slides()
+        self._write_empty_slides()
+
+    def _write_empty_slides(self) -> None:
+        for info in self.slides_info:
+            if info["num_windows"] == 0 and "error" not in info and info["name"] not in self.finished:
+                self._finish(self._run(info["index"]))
 
     def finish_empty_slides(self) -> None:
-        """Write the (empty, valid) outputs of slides without tissue windows, once. Called
-        when the engine starts, and after the run: an engine whose loader is empty (every
-        slide blank) does not start at all."""
-        for info in self.slides_info:
-            if info["num_windows"] == 0 and info["name"] not in self.finished:
-                self._finish(self._run(info["index"]))
+        """Write the (empty, valid) outputs of slides without tissue windows, once, then
+        raise for the slides that could not be used. Called when the engine starts (the
+        outputs only) and after the run (inference.json's last step): an engine whose
+        loader is empty (every slide blank) does not start at all.
+
+        Raises:
+            SlideError listing the slides with an ``"error"`` in ``slides_info``, after the
+            outputs of the others are written.
+        """
+        self._write_empty_slides()
+        failed = [info for info in self.slides_info if "error" in info]
+        if failed:
+            done = len(self.slides_info) - len(failed)
+            raise SlideError(f"{len(failed)} of {len(self.slides_info)} slides could not be segmented (the outputs of the other {done} are "
+                             f"written):\n" + "\n".join(f"  {info['error']}" for info in failed))
 
     def __call__(self, engine: Engine) -> None:
         for item, out in _items(engine):

@@ -13,7 +13,17 @@ Per slide it writes ``<name>.geojson`` (QuPath: File > Import objects),
 for plain images) into ``--out``; slides whose outputs are complete are skipped
 unless ``--overwrite``. Any other key of inference.json can be given too, e.g.
 ``--window 2048 --halo 128 --backend openslide --roi "[0, 0, 4096, 4096]"``.
-Exit status is non-zero when any slide fails.
+
+Bad inputs: a file that cannot be used (missing, empty, damaged or truncated, not
+the format its suffix says, an unsupported suffix, a grayscale image, a PNG/JPEG
+too large to decode whole, no pixel size, ...) stops with a one-line
+``segment.py: error: <path>: <what is wrong>. <what to do>`` and exit status 1,
+and leaves no output for that file. In a batch (a folder, a CSV or a list) the
+other slides are segmented first: each bad one is logged as an ERROR when it is
+found, and the run ends with exit status 1 and the list of the bad ones (a rerun
+skips the finished slides). A slide without tissue is not an error: a WARNING, empty
+but valid outputs, exit status 0. RGBA, palette, CMYK and 16-bit images are
+converted to 8-bit RGB with a WARNING (see ``custom/wsi.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
     """Segment the nuclei of a slide, a folder of slides/images or a CSV of slide paths.
 
     Args:
-        input: slide file (svs, tiff, ndpi, ...), image (png, jpg), folder or CSV with a ``path`` column.
+        input: slide file (svs, tiff, ndpi, ...), image (png, jpg), folder, CSV with a ``path`` column,
+            or a list of these (``'["a.svs", "b.png"]'``).
         out: output folder.
         model: attention network weights (default: the bundle's ``models/model.pt``).
         backend: "cucim" or "openslide".
@@ -47,6 +58,9 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
     import difflib
     import json
 
+    from custom.wsi import list_slides
+
+    list_slides(input)  # a missing input or an empty folder fails here, before the bundle is parsed and the model loaded
     import torch
     from monai.bundle import ConfigWorkflow
 
@@ -58,7 +72,8 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
             hint = f" Did you mean --{close[0]}?" if close else ""
             raise ValueError(f"--{key}: not a key of {config_file.name}.{hint}")
 
-    settings = {"input": str(input), "output_dir": str(out), "backend": backend, "mpp": mpp, "base_magnification": base_magnification,
+    inputs = [str(p) for p in input] if isinstance(input, (list, tuple)) else str(input)
+    settings = {"input": inputs, "output_dir": str(out), "backend": backend, "mpp": mpp, "base_magnification": base_magnification,
                 "tta": tta, "overwrite": overwrite, "bundle_root": str(REPO / "bundle"), **overrides}
     if model is not None:
         settings["model_path"] = str(model)
@@ -73,15 +88,25 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         workflow.finalize()
 
 
-def main() -> None:
-    """Run :func:`segment` from the command line; errors end with their root cause and exit status 1."""
+def error_message(e: BaseException) -> str:
+    """What to tell the user about an exception the bundle may have wrapped: the first
+    ``custom.wsi.SlideError`` in its chain of causes (it names the input and what to do),
+    else the root cause."""
+    from custom.wsi import SlideError
+
+    chain = [e]
+    while chain[-1].__cause__ is not None and len(chain) < 100:
+        chain.append(chain[-1].__cause__)
+    return str(next((c for c in chain if isinstance(c, SlideError)), chain[-1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run :func:`segment` from the command line (``argv``: the arguments, default ``sys.argv[1:]``);
+    errors end with their message (see :func:`error_message`) and exit status 1."""
     try:
-        fire.Fire(segment)
-    except Exception as e:  # noqa: BLE001 - report the root cause the bundle wraps, then fail
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        print(f"segment.py: error: {root}", file=sys.stderr)
+        fire.Fire(segment, command=argv)
+    except Exception as e:  # noqa: BLE001 - report the cause the bundle wraps, then fail
+        print(f"segment.py: error: {error_message(e)}", file=sys.stderr)
         sys.exit(1)
 
 
