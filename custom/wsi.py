@@ -172,13 +172,17 @@ def _plausible_mpp(mpp: float | None, source: str, path: Path) -> tuple[float | 
     return None, ""
 
 
+_RESOLUTION_UNITS = {2: ("inch", 25400.0), 3: ("centimeter", 1e4), 4: ("millimeter", 1e3), 5: ("micrometer", 1.0)}
+
+
 def _tiff_mpp(page) -> tuple[float | None, str]:
-    """Level-0 pixel size from a TIFF page's resolution tags (centimetre or inch units only)."""
+    """Level-0 pixel size from a TIFF page's resolution tags (None without a length unit)."""
     unit = int(getattr(page, "resolutionunit", 1) or 1)
-    xres = (page.resolution or (0, 0))[0] if hasattr(page, "resolution") else 0
-    if unit not in (2, 3) or not xres:
+    xres = (getattr(page, "resolution", None) or (0, 0))[0]
+    if unit not in _RESOLUTION_UNITS or not xres:
         return None, ""
-    return (25400.0 if unit == 2 else 1e4) / float(xres), f"TIFF resolution ({'inch' if unit == 2 else 'centimeter'})"
+    name, um = _RESOLUTION_UNITS[unit]
+    return um / float(xres), f"TIFF resolution ({name})"
 
 
 def _file_kind(head: bytes) -> str:
@@ -218,6 +222,10 @@ _SEGMENT_HEADERS = {
 }
 
 
+class _DamagedTiff(SlideError):
+    """tifffile cannot parse the TIFF directories (a backend may still open the file)."""
+
+
 def _open_tiff(path: Path):
     """Open a TIFF-based slide with tifffile and check its structure without decoding pixels.
 
@@ -247,8 +255,8 @@ def _open_tiff(path: Path):
         tif = tifffile.TiffFile(path)
         pages = list(tif.pages)
     except Exception as e:  # noqa: BLE001 - tifffile raises many types for damaged directories
-        raise SlideError(f"{path}: the file is damaged: its TIFF structure cannot be read ({type(e).__name__}: {e}). "
-                         "It is probably truncated or corrupt (an incomplete copy or download?): copy the slide again.") from e
+        raise _DamagedTiff(f"{path}: the file is damaged: its TIFF structure cannot be read ({type(e).__name__}: {e}). "
+                           "It is probably truncated or corrupt (an incomplete copy or download?): copy the slide again.") from e
     finally:
         quiet.setLevel(level)
     if not pages:
@@ -342,13 +350,12 @@ class _TiffRegions:
         self.path, self.tif = path, tif
         series = tif.series[0] if tif.series else None
         levels = [lv.keyframe for lv in series.levels] if series is not None else [tif.pages[0]]
-        base = levels[0]
-        # levels must be plain 2-D images of the same pixel format as level 0
-        self.pages = [pg for pg in levels if pg.shaped[1] == 1 and pg.samplesperpixel == base.samplesperpixel
-                      and pg.photometric == base.photometric and pg.dtype == base.dtype]
-        page = self.pages[0]
+        page = levels[0]
         if page.shaped[1] != 1:
             raise SlideError(f"{path}: a volumetric TIFF ({page.shaped[1]} planes deep) is not a slide; save one plane as an RGB image.")
+        # levels are plain 2-D images of the same pixel format as level 0
+        self.pages = [page] + [pg for pg in levels[1:] if pg.shaped[1] == 1 and pg.samplesperpixel == page.samplesperpixel
+                               and pg.photometric == page.photometric and pg.dtype == page.dtype]
         self.level_dims = [(int(pg.imagelength), int(pg.imagewidth)) for pg in self.pages]
         self.conversion, self._convert = self._conversion(page)
         for pg in self.pages:
@@ -535,8 +542,11 @@ class Slide:
         if suffix in IMAGE_SUFFIXES:
             self._open_image()
             return
-        tif = _open_tiff(path) if suffix in TIFF_SUFFIXES else None
         undecodable = None
+        try:
+            tif = _open_tiff(path) if suffix in TIFF_SUFFIXES else None
+        except _DamagedTiff as e:  # tifffile cannot parse it: the backend decides, with this error if it cannot either
+            tif, undecodable = None, e
         if tif is not None:
             page = tif.pages[0]
             rgb8 = int(page.photometric) in (2, 6) and page.samplesperpixel == 3 and np.dtype(page.dtype) == np.uint8
@@ -564,6 +574,8 @@ class Slide:
             self._reader = WSIReader(backend=backend)
             self._handle = self._reader.read(str(path))
             self.backend = backend
+            if undecodable is not None:
+                logger.warning("%s (%s opens it: its structure was not checked.)", undecodable, backend)
         except Exception as e:  # noqa: BLE001 - the backends raise many types for unreadable files
             if undecodable is not None:
                 raise undecodable from e

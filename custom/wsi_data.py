@@ -33,7 +33,9 @@ from torch.utils.data import Dataset
 
 from custom.config import flag
 from custom.transforms import reinhard_source_stats
-from custom.wsi import MagnificationUnavailable, Slide, SlideError, TissueParams, list_slides, magnification_to_mpp, tissue_mask
+from custom.wsi import (
+    MagnificationUnavailable, Slide, SlideError, SlideNotFoundError, TissueParams, list_slides, magnification_to_mpp, tissue_mask,
+)
 
 __all__ = ["SlideWindowDataset", "WSITileDataset", "tile_coverage"]
 
@@ -141,6 +143,9 @@ class WSITileDataset(Dataset):
         if missing_magnification not in ("skip", "error"):
             raise ValueError(f"missing_magnification must be 'skip' or 'error', got {missing_magnification!r}.")
         self.paths = list_slides(slides)
+        missing = [str(p) for p in self.paths if not p.is_file()]
+        if missing:  # training needs every slide it was given
+            raise SlideNotFoundError(f"{len(missing)} of the {len(self.paths)} training slides do not exist, e.g. {missing[:3]}.")
         self.magnifications = [float(m) for m in magnifications]
         self.tile_size, self.tile_coverage = int(tile_size), float(tile_coverage)
         self.tissue = TissueParams(**(tissue or {}))

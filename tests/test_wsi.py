@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from custom.wsi import MagnificationUnavailable, Slide, TissueParams, list_slides, magnification_to_mpp, tissue_mask, write_pyramidal_tiff
+from custom.wsi_data import WSITileDataset
 from tests.conftest import CMU_SLIDE, TCGA_SLIDE, require_backend, require_slide, synthetic_he
 
 BACKENDS = ["cucim", "openslide"]
@@ -117,3 +118,29 @@ def test_list_slides(tmp_path, pyramid_slide):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="no slides or images"):
         list_slides(tmp_path / "empty_dir")
+    # entries of a list or CSV are kept when missing: opening each one reports it, the batch goes on
+    assert list_slides([str(folder / "a.png"), str(tmp_path / "gone.svs")]) == [folder / "a.png", tmp_path / "gone.svs"]
+    (tmp_path / "gone.csv").write_text("path\ngone.svs\nslides/a.png\n")
+    assert list_slides(tmp_path / "gone.csv") == [tmp_path / "gone.svs", folder / "a.png"]
+    with pytest.raises(FileNotFoundError, match=r"1 of the 2 training slides do not exist, e.g. \['.*gone.svs'\]"):
+        WSITileDataset(tmp_path / "gone.csv")
+
+
+def test_16bit_pyramid_read_by_levels_with_tifffile(tmp_path):
+    """A tiled 16-bit RGB pyramid (SubIFDs): the backends cannot read it, tifffile reads each level by
+    tiles, 16 bits reduced to 8 (the high byte)."""
+    import tifffile
+
+    image = synthetic_he(320, 256)
+    half = np.asarray(Image.fromarray(image).resize((128, 160), Image.BILINEAR))
+    path = tmp_path / "pyramid16.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image.astype(np.uint16) * 257, photometric="rgb", tile=(64, 64), subifds=1, compression="zlib",
+                 resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+        tw.write(half.astype(np.uint16) * 257, photometric="rgb", tile=(64, 64), subfiletype=1, compression="zlib")
+    with Slide(path, "cucim") as s:
+        assert s.backend == "tifffile" and s.level_dims == [(320, 256), (160, 128)] and not s.is_image
+        assert s.mpp == pytest.approx(0.25) and "16 bits per channel reduced to 8" in s.conversion
+        np.testing.assert_array_equal(s.read_level((64, 32), (100, 90), level=0), np.moveaxis(image[64:164, 32:122], -1, 0))
+        np.testing.assert_array_equal(s.read_level((64, 32), (50, 45), level=1), np.moveaxis(half[32:82, 16:61], -1, 0))
+        assert s.level_for(magnification_to_mpp(20)) == 1
