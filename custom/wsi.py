@@ -17,8 +17,8 @@ fine and resized with antialiasing, so no level is ever loaded whole.
 
 Which reader opens a file (see :class:`Slide`):
 
-* whole-slide formats and tiled 8-bit RGB TIFFs: the backend (cuCIM or OpenSlide);
-* untiled (stripped) TIFFs and TIFFs that are not 8-bit RGB (16-bit, RGBA, CMYK,
+* whole-slide formats (svs, ndpi, ...) and tiled 8-bit RGB TIFFs: the backend (cuCIM or OpenSlide);
+* untiled (stripped) ``.tif``/``.tiff`` files and those that are not 8-bit RGB (16-bit, RGBA, CMYK,
   palette): tifffile, by regions: only the strips or tiles that overlap a region
   are read and decoded (uncompressed single-strip data is memory-mapped), with a
   bounded cache of decoded segments (:data:`TIFF_CACHE_BYTES`), so a TIFF of any
@@ -211,7 +211,7 @@ def _j2k_header(b: bytes) -> bool:
 # How the segments of a TIFF compression start: (name, check of the first 8 bytes). Every segment
 # of these codecs starts so; cuCIM returns undecodable JPEG and deflate tiles black without an error.
 _SEGMENT_HEADERS = {
-    5: ("LZW", lambda b: b[:1] == b"\x80"),  # a Clear code first
+    5: ("LZW", lambda b: b[:1] == b"\x80" or (b[:1] == b"\0" and len(b) > 1 and b[1] & 1)),  # a Clear code first (or its old bit order)
     7: ("JPEG", lambda b: b.startswith(b"\xff\xd8")),
     8: ("deflate", _zlib_header),
     32946: ("deflate", _zlib_header),
@@ -550,9 +550,9 @@ class Slide:
         if tif is not None:
             page = tif.pages[0]
             rgb8 = int(page.photometric) in (2, 6) and page.samplesperpixel == 3 and np.dtype(page.dtype) == np.uint8
-            if page.is_tiled and rgb8:  # a tiled RGB image or pyramid: the backend reads it
+            if (page.is_tiled and rgb8) or suffix not in _PLAIN_TIFF_SUFFIXES:  # a whole-slide format or tiled RGB: the backend
                 tif.close()
-            else:  # an untiled or non-RGB8 TIFF: tifffile, by regions
+            else:  # an untiled or non-RGB8 plain TIFF: tifffile, by regions
                 self.is_image = not page.is_tiled and len(tif.pages) == 1 and page.imagelength * page.imagewidth <= MAX_WHOLE_IMAGE_PIXELS
                 try:
                     self._tiff, self.backend = _TiffRegions(path, tif), "tifffile"
@@ -560,7 +560,7 @@ class Slide:
                     return
                 except _UndecodableTiff as e:
                     tif.close()
-                    if self.is_image and suffix in _PLAIN_TIFF_SUFFIXES:
+                    if self.is_image:
                         logger.info("%s Reading it whole with Pillow instead.", e)
                         self._open_image()
                         return
