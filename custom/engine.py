@@ -27,8 +27,12 @@ class ScaleAttentionIteration:
     ``accuracy`` and, with the percentile sigmoid, ``tau`` (floats).
 
     Raises:
-        FloatingPointError: when the loss is NaN or infinite; the message names the
-            iteration and the terms. Nothing is stepped with it.
+        FloatingPointError: when the loss, or after backward a gradient, is NaN or infinite;
+            the message names the iteration and the terms (or parameters). Nothing is stepped
+            with it, and the buffers that the forward pass updates in place (BatchNorm running
+            statistics, the running tau, their batch counters) are put back to their values
+            before this iteration, so the model (and the checkpoint that ``CheckpointSaver``
+            writes on the exception) is the finite state after the previous iteration.
     """
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -40,16 +44,28 @@ class ScaleAttentionIteration:
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
+        buffers = list(engine.network.buffers())
+        saved = [b.detach().clone() for b in buffers]  # a few kB: BatchNorm statistics, running tau, counters
         outputs = engine.network(inputs)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         losses = engine.loss_function(outputs, targets)
         total = losses["loss"]
         if not torch.isfinite(total):
+            _restore(buffers, saved)
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             raise FloatingPointError(f"non-finite training loss at iteration {engine.state.iteration}: {terms}.")
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         total.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        named = [(n, p.grad) for n, p in engine.network.named_parameters() if p.grad is not None]
+        if named and not torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in named])):
+            _restore(buffers, saved)
+            engine.optimizer.zero_grad(set_to_none=True)
+            bad = [n for n, g in named if not torch.isfinite(g).all()]
+            raise FloatingPointError(
+                f"non-finite gradients at iteration {engine.state.iteration} (loss {float(total.detach()):.4g}) "
+                f"in {len(bad)} parameters, e.g. {bad[:3]}."
+            )
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
@@ -60,3 +76,10 @@ class ScaleAttentionIteration:
             report["tau"] = float(outputs["tau"])
         engine.state.output.update({Keys.PRED: logits, "attention": outputs["attention"].detach(), **report})
         return engine.state.output
+
+
+@torch.no_grad()
+def _restore(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """Copy the values taken before the forward pass back into the module's buffers (in place)."""
+    for b, v in zip(buffers, saved):
+        b.copy_(v)

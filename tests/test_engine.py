@@ -1,5 +1,6 @@
 import pytest
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
 from custom.engine import ScaleAttentionIteration
@@ -44,3 +45,39 @@ def test_plain_sigmoid_reports_no_tau():
     trainer = _trainer(batches, sparse=False)
     trainer.run()
     assert "tau" not in trainer.state.output and "loss_equiv" in trainer.state.output
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def test_non_finite_loss_leaves_the_model_as_after_the_previous_iteration():
+    """NaN pixels reach BatchNorm's running statistics and the running tau during the forward pass;
+    the iteration puts those buffers back, so weights and buffers are those after iteration 1."""
+    good = {"image": torch.randn(3, 3, 32, 32), "label": torch.tensor([0, 1, 2])}
+    bad = {"image": good["image"].clone(), "label": good["label"]}
+    bad["image"][0, :, :4, :4] = float("nan")
+    trainer = _trainer([good, bad])
+    after_first = {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda e: after_first.update(_state(e.network)))
+    with pytest.raises(FloatingPointError, match="iteration 2"):
+        trainer.run()
+    state = _state(trainer.network)
+    assert state.keys() == after_first.keys() and "attention.activation.running_tau" in state
+    for k in state:
+        assert torch.equal(state[k], after_first[k]), k
+    assert trainer.network.attention.activation.num_batches_tracked.item() == 1
+
+
+def test_non_finite_gradient_stops_before_the_step():
+    """A finite loss whose gradient overflows (here: a hook scales one gradient by inf) is not stepped."""
+    batches = [{"image": torch.randn(3, 3, 32, 32), "label": torch.tensor([0, 1, 2])}]
+    trainer = _trainer(batches)
+    before = _state(trainer.network)
+    trainer.network.attention.head.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradients at iteration 1 .*attention\.head\.weight"):
+        trainer.run()
+    state = _state(trainer.network)
+    for k in state:
+        assert torch.equal(state[k], before[k]), k
+    assert all(p.grad is None for p in trainer.network.parameters())

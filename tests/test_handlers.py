@@ -208,3 +208,200 @@ def test_export_best_only_saves_when_best_epoch_is_this_epoch(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["head.weight"], saved)
     run_validation(best_epoch=1)
     assert torch.equal(torch.load(path, weights_only=True)["head.weight"], f.head.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# interruptions: batch order, reseeding per epoch, best metric, checked resume, checkpoint on exception
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sampler_run(sampler, max_epochs: int = 3, state: dict | None = None) -> list[tuple[int, list[int]]]:
+    """(epoch, batch indices) of every iteration of an Ignite run over a DataLoader with ``sampler``
+    (optionally resumed from a trainer ``state`` dict, as CheckpointLoader does)."""
+    from torch.utils.data import DataLoader
+
+    seen = []
+    engine = Engine(lambda e, b: seen.append((e.state.epoch, [int(i) for i in b])))
+    BatchSamplerEpochHandler(sampler).attach(engine)
+    if state is not None:
+        engine.load_state_dict(state)
+    engine.run(DataLoader(range(12), batch_sampler=sampler, collate_fn=list), max_epochs=max_epochs)
+    return seen
+
+
+def test_batch_sampler_through_a_data_loader_draws_epoch_e_order_in_epoch_e():
+    """Ignite stops an epoch after epoch_length batches, so the sampler's generator of epoch e ends
+    only at the start of epoch e + 1 (after set_epoch): epoch e + 1 must still draw its own order."""
+    full = _sampler_run(BalancedMagnificationBatchSampler(4, 3, 6, 2, seed=1))
+    expected = []
+    for e in range(3):
+        s = BalancedMagnificationBatchSampler(4, 3, 6, 2, seed=1)
+        s.set_epoch(e)
+        expected += [(e + 1, b) for b in s]
+    assert full == expected
+    # resumed from the epoch-2 checkpoint (iteration 4): epoch 3 as in the full run
+    assert _sampler_run(BalancedMagnificationBatchSampler(4, 3, 6, 2, seed=1), state={"iteration": 4, "epoch_length": 2, "max_epochs": 3}) == full[4:]
+    # resumed in the middle of epoch 2 (a checkpoint written at an exception, iteration 3): the rest of epoch 2, then epoch 3
+    assert _sampler_run(BalancedMagnificationBatchSampler(4, 3, 6, 2, seed=1), state={"iteration": 3, "epoch_length": 2, "max_epochs": 3}) == full[3:]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_epoch_seed_handler_makes_each_epoch_a_function_of_seed_and_epoch(num_workers):
+    """Random crops (a MONAI Randomizable transform, in the main process or a worker), torch's and
+    NumPy's global generators: epoch 3 of a run resumed at epoch 2 draws what the full run drew."""
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandSpatialCropd
+
+    from custom.handlers import EpochSeedHandler
+
+    def run(state: dict | None = None, seed: int | None = 7) -> list:
+        torch.manual_seed(123 if state is None else 456)  # a different start: only the handler makes epochs agree
+        data = Dataset([{"image": np.arange(256.0).reshape(1, 16, 16)} for _ in range(4)],
+                       transform=RandSpatialCropd(keys="image", roi_size=(4, 4), random_size=False))
+        loader = DataLoader(data, batch_size=2, num_workers=num_workers)
+        drawn = []
+        engine = Engine(lambda e, b: drawn.append((e.state.epoch, b["image"][:, 0, 0, 0].tolist(), torch.rand(1).item(), np.random.rand())))
+        EpochSeedHandler(seed, data).attach(engine)
+        if state is not None:
+            engine.load_state_dict(state)
+        engine.run(loader, max_epochs=3)
+        return drawn
+
+    full = run()
+    assert len(full) == 6 and full[0][1:] != full[2][1:] != full[4][1:]  # epochs differ from each other
+    assert run(state={"iteration": 4, "epoch_length": 2, "max_epochs": 3}) == full[4:]
+    assert run(seed=None)[4:] != full[4:]  # without the handler the epochs depend on the start
+
+
+def _selection(save_dir, weight: float):
+    """A MONAI SupervisedEvaluator (Dice of a 1x1 convolution's output thresholded at 0.5 against a
+    square mask, 1.0 with ``weight`` 1, 0.0 with -1), its key-metric CheckpointSaver ``best.pt`` and
+    a best-only export ``model.pt``, all in ``save_dir``."""
+    from monai.data import DataLoader
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import CheckpointSaver, MeanDice, from_engine
+    from monai.transforms import AsDiscreted
+
+    net = torch.nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(weight)
+    image = torch.zeros(1, 8, 8)
+    image[:, 2:6, 2:6] = 1.0
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=DataLoader([{"image": image, "label": image.clone()}], batch_size=1),
+        network=net, postprocessing=AsDiscreted(keys="pred", threshold=0.5),
+        key_val_metric={"dice": MeanDice(output_transform=from_engine(["pred", "label"]))},
+    )
+    saver = CheckpointSaver(save_dir=str(save_dir), save_dict={"network": net}, save_key_metric=True, key_metric_filename="best.pt")
+    saver.attach(evaluator)
+    ExportAttentionNetwork(net, str(save_dir / "model.pt"), best_only=True).attach(evaluator)
+    return evaluator, saver
+
+
+def test_evaluator_state_keeps_the_best_model_across_a_resume(tmp_path):
+    from custom.handlers import EvaluatorState
+
+    evaluator, saver = _selection(tmp_path, weight=1.0)
+    evaluator.run(1)
+    assert evaluator.state.best_metric == 1.0
+    files = {p: p.read_bytes() for p in (tmp_path / "best.pt", tmp_path / "model.pt")}
+    torch.save({"evaluators": EvaluatorState({"select": evaluator}, {"select": saver}).state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["evaluators"]  # plain numbers: weights_only loads it
+    assert state["select"]["best_metric"] == 1.0 and state["select"]["best_metric_epoch"] == 1 and len(state["select"]["saved"]) == 1
+
+    # a new process resumes: fresh evaluator and saver, the state loaded, a worse model (Dice 0) validated
+    evaluator, saver = _selection(tmp_path, weight=-1.0)
+    EvaluatorState({"select": evaluator}, {"select": saver}).load_state_dict(state)
+    evaluator.run(2)
+    assert evaluator.state.metrics["dice"] == 0.0
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (1.0, 1)
+    assert {p: p.read_bytes() for p in files} == files  # neither best.pt nor model.pt replaced
+
+    # the same without the state: the worse model overwrites both (what a resume did before)
+    evaluator, saver = _selection(tmp_path, weight=-1.0)
+    evaluator.run(2)
+    assert all(p.read_bytes() != files[p] for p in files)
+
+
+def test_evaluator_state_resumed_into_another_folder(tmp_path):
+    from custom.handlers import EvaluatorState
+
+    evaluator, saver = _selection(tmp_path / "first", weight=1.0)
+    evaluator.run(1)
+    state = EvaluatorState({"select": evaluator}, {"select": saver}).state_dict()
+    evaluator, saver = _selection(tmp_path / "second", weight=-1.0)
+    EvaluatorState({"select": evaluator}, {"select": saver}).load_state_dict(state)
+    evaluator.run(2)  # no best.pt there to replace: the saver writes one; the best metric is still the earlier one
+    assert (tmp_path / "second" / "best.pt").is_file() and not (tmp_path / "second" / "model.pt").exists()
+    assert evaluator.state.best_metric == 1.0
+    with pytest.raises(ValueError, match="name no evaluator"):
+        EvaluatorState({"select": evaluator}, {"other": saver})
+
+
+def _resume_objects():
+    from custom.handlers import EvaluatorState
+
+    torch.manual_seed(1)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    return net, opt, engine, {"network": net, "optimizer": opt, "trainer": engine, "evaluators": EvaluatorState({})}
+
+
+def test_resume_loader_loads_checks_and_refuses(tmp_path):
+    from custom.handlers import ResumeCheckpointLoader
+
+    net, opt, _, _ = _resume_objects()
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()  # optimiser moments exist
+    good = {"network": net.state_dict(), "optimizer": opt.state_dict(), "trainer": {"iteration": 4, "epoch_length": 2, "max_epochs": 3}}
+    torch.save(good, tmp_path / "good.pt")  # written before the evaluator state existed: "evaluators" is optional
+
+    net2, opt2, engine, load_dict = _resume_objects()
+    ResumeCheckpointLoader(str(tmp_path / "good.pt"), load_dict, optional=["evaluators"]).attach(engine)
+    engine.run(range(2), max_epochs=3)
+    assert engine.state.iteration == 6 and torch.equal(net2.weight, net.weight)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+    # NaN in a weight or an optimiser moment: refused at attach (before the run), naming the file and the entry
+    for entry, tensor in (("network.weight", good["network"]["weight"]), ("optimizer.state.0.exp_avg_sq", good["optimizer"]["state"][0]["exp_avg_sq"])):
+        bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in good.items()}
+        original = tensor.clone()
+        tensor.view(-1)[0] = float("inf") if "optimizer" in entry else float("nan")
+        torch.save(bad, tmp_path / "bad.pt")
+        tensor.copy_(original)
+        _, _, engine, load_dict = _resume_objects()
+        with pytest.raises(FloatingPointError, match=f"{tmp_path / 'bad.pt'}.*non-finite.*{entry}"):
+            ResumeCheckpointLoader(str(tmp_path / "bad.pt"), load_dict, optional=["evaluators"]).attach(engine)
+        assert not engine.has_event_handler(ResumeCheckpointLoader.__call__)  # nothing attached
+    # a required entry missing (model.pt, F's weights alone), an unreadable file, no file
+    torch.save(good["network"], tmp_path / "weights_only.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    for name, error, match in (("weights_only.pt", ValueError, "no \\['network', 'optimizer'"), ("garbage.pt", ValueError, "cannot be read"),
+                               ("absent.pt", FileNotFoundError, "no such file")):
+        _, _, engine, load_dict = _resume_objects()
+        with pytest.raises(error, match=match):
+            ResumeCheckpointLoader(str(tmp_path / name), load_dict, optional=["evaluators"]).attach(engine)
+
+
+def test_checkpoint_saver_writes_its_final_checkpoint_on_an_exception(tmp_path):
+    """MONAI's StatsHandler re-raises in EXCEPTION_RAISED, so a saver attached after it never ran there."""
+    from monai.handlers import CheckpointSaver, StatsHandler
+
+    from custom.handlers import attach_checkpoint_saver
+
+    def fail_at_2(engine, batch):
+        if engine.state.iteration == 2:
+            raise FloatingPointError("non-finite training loss at iteration 2")
+
+    for attach, folder in ((lambda s, e, h: s.attach(e), "plain"), (attach_checkpoint_saver, "ordered")):
+        engine = Engine(fail_at_2)
+        stats = StatsHandler(iteration_log=False)
+        stats.attach(engine)
+        saver = CheckpointSaver(save_dir=str(tmp_path / folder), save_dict={"network": torch.nn.Linear(1, 1)}, save_final=True,
+                                final_filename="checkpoint_final.pt")
+        attach(saver, engine, [stats])
+        with pytest.raises(FloatingPointError, match="iteration 2"):
+            engine.run(range(3), max_epochs=1)
+    assert not (tmp_path / "plain" / "checkpoint_final.pt").exists()
+    assert (tmp_path / "ordered" / "checkpoint_final.pt").is_file()
