@@ -358,7 +358,15 @@ class _TiffRegions:
                                and pg.photometric == page.photometric and pg.dtype == page.dtype]
         self.level_dims = [(int(pg.imagelength), int(pg.imagewidth)) for pg in self.pages]
         self.conversion, self._convert = self._conversion(page)
-        for pg in self.pages:
+        for level, pg in enumerate(self.pages):
+            # a compressed strip or tile is decoded whole: one spanning the image is the whole level
+            seg = int(pg.tilelength) * int(pg.tilewidth) if pg.is_tiled else min(int(pg.rowsperstrip or pg.imagelength), int(pg.imagelength)) * int(pg.imagewidth)
+            if pg.compression != 1 and seg > MAX_WHOLE_IMAGE_PIXELS:
+                raise SlideError(
+                    f"{path}: level {level} is stored in compressed {'tiles' if pg.is_tiled else 'strips'} of {seg / 1e6:.0f} megapixels, "
+                    f"which can only be decoded whole (the limit is {MAX_WHOLE_IMAGE_PIXELS / 1e6:.0f} megapixels). Convert it to a tiled "
+                    "pyramidal TIFF (custom.wsi.write_pyramidal_tiff, or vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg)."
+                )
             if pg.compression != 1:
                 try:
                     tifffile.TIFF.DECOMPRESSORS[pg.compression]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -66,17 +67,23 @@ def tile_coverage(mask: np.ndarray, factor: float, boxes: np.ndarray) -> np.ndar
 
 
 class _SlideCache:
-    """Slides opened on first use, once per process."""
+    """Slides opened on first use, once per process; at most ``max_open`` stay open (the least
+    recently used is closed), so memory does not grow with the number of slides (a plain image
+    holds its pixels, a TIFF read by regions its decoded-segment cache)."""
 
-    def __init__(self, backend: str, mpp, base_magnification):
-        self.backend, self.mpp, self.base_magnification = backend, mpp, base_magnification
-        self._pid, self._open = None, {}
+    def __init__(self, backend: str, mpp, base_magnification, max_open: int = 4):
+        self.backend, self.mpp, self.base_magnification, self.max_open = backend, mpp, base_magnification, int(max_open)
+        self._pid, self._open = None, OrderedDict()
 
     def __call__(self, path: Path) -> Slide:
         if self._pid != os.getpid():  # a fresh worker: handles of the parent are not usable here
-            self._pid, self._open = os.getpid(), {}
-        if path not in self._open:
-            self._open[path] = Slide(path, self.backend, self.mpp, self.base_magnification)
+            self._pid, self._open = os.getpid(), OrderedDict()
+        if path in self._open:
+            self._open.move_to_end(path)
+            return self._open[path]
+        while len(self._open) >= self.max_open:
+            self._open.popitem(last=False)[1].close()
+        self._open[path] = Slide(path, self.backend, self.mpp, self.base_magnification)
         return self._open[path]
 
     def close(self, path: Path) -> None:
@@ -86,7 +93,7 @@ class _SlideCache:
             slide.close()
 
     def __getstate__(self):
-        return {"backend": self.backend, "mpp": self.mpp, "base_magnification": self.base_magnification}
+        return {"backend": self.backend, "mpp": self.mpp, "base_magnification": self.base_magnification, "max_open": self.max_open}
 
     def __setstate__(self, state):
         self.__init__(**state)

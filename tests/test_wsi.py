@@ -144,3 +144,37 @@ def test_16bit_pyramid_read_by_levels_with_tifffile(tmp_path):
         np.testing.assert_array_equal(s.read_level((64, 32), (100, 90), level=0), np.moveaxis(image[64:164, 32:122], -1, 0))
         np.testing.assert_array_equal(s.read_level((64, 32), (50, 45), level=1), np.moveaxis(half[32:82, 16:61], -1, 0))
         assert s.level_for(magnification_to_mpp(20)) == 1
+
+
+def test_compressed_single_strip_tiff_above_the_limit_is_refused(tmp_path, monkeypatch):
+    """A strip is decoded whole, so a compressed TIFF stored as one strip cannot be read by
+    regions: above the whole-image limit it is refused with what to do (limit lowered here)."""
+    import tifffile
+
+    import custom.wsi as wsi
+
+    rgb = np.full((64, 96, 3), 200, np.uint8)
+    one_strip, strips = tmp_path / "one_strip.tif", tmp_path / "strips.tif"
+    tifffile.imwrite(one_strip, rgb, photometric="rgb", compression="zlib", rowsperstrip=64)
+    tifffile.imwrite(strips, rgb, photometric="rgb", compression="zlib", rowsperstrip=8)
+    monkeypatch.setattr(wsi, "MAX_WHOLE_IMAGE_PIXELS", 96 * 16)
+    with pytest.raises(wsi.SlideError, match=r"one_strip.tif: level 0 is stored in compressed strips of 0 megapixels.*tiled pyramidal TIFF"):
+        wsi.Slide(one_strip, mpp=0.25)
+    with wsi.Slide(strips, mpp=0.25) as slide:  # 8-row strips are read by regions
+        assert slide.read_level((0, 0), (10, 10)).shape == (3, 10, 10)
+
+
+def test_slide_cache_keeps_a_bounded_number_of_slides_open(tmp_path):
+    from custom.wsi_data import _SlideCache
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"s{i}.png")
+        Image.fromarray(np.full((32, 32, 3), 100 + i, np.uint8)).save(paths[-1])
+    cache = _SlideCache("cucim", 0.25, None, max_open=2)
+    first = cache(paths[0])
+    for p in paths[1:]:
+        cache(p)
+    assert list(cache._open) == paths[-2:]
+    assert cache(paths[0]) is not first  # reopened after being closed
+    assert int(cache(paths[0]).read_level((0, 0), (1, 1))[0, 0, 0]) == 100
