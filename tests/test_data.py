@@ -55,7 +55,7 @@ def test_list_ids_and_errors(tmp_path):
 
 def test_multi_magnification_views_and_labels(tmp_path):
     root = make_prepared_dataset(tmp_path / "d", n_images=2, size=200)
-    ds = MultiMagnificationDataset(root, list_ids(root), magnifications=(10, 20, 40), base_magnification=40)
+    ds = MultiMagnificationDataset(root, list_ids(root), magnifications=(10, 20, 40), base_magnification=40, crop_size=50)
     assert len(ds) == 6
     shapes = [ds[i]["image"].shape for i in range(6)]
     assert shapes == [(3, 50, 50)] * 2 + [(3, 100, 100)] * 2 + [(3, 200, 200)] * 2
@@ -70,6 +70,8 @@ def test_multi_magnification_views_and_labels(tmp_path):
     assert all(np.array_equal(fixed[i]["image"], again[i]["image"]) for i in range(18))
     with pytest.raises(ValueError, match="smaller than crop_size"):
         MultiMagnificationDataset(root, list_ids(root), fixed_crops=1, crop_size=60)
+    with pytest.raises(ValueError, match="at 10x is 50x50, smaller than crop_size 51: use images of at least 204 px"):
+        MultiMagnificationDataset(root, list_ids(root), crop_size=51)  # random training crops are checked too
     with pytest.raises(ValueError, match="cannot be made"):
         MultiMagnificationDataset(root, list_ids(root), magnifications=(80,), base_magnification=40)
 
@@ -79,7 +81,7 @@ def test_labels_are_never_read(tmp_path):
     for p in (root / "labels").iterdir():
         p.unlink()
     (root / "labels").rmdir()
-    ds = MultiMagnificationDataset(root, list_ids(root), magnifications=(20, 40))
+    ds = MultiMagnificationDataset(root, list_ids(root), magnifications=(20, 40), crop_size=32)
     assert len(ds) == 4
 
 
