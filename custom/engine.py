@@ -32,7 +32,8 @@ class ScaleAttentionIteration:
             with it, and the buffers that the forward pass updates in place (BatchNorm running
             statistics, the running tau, their batch counters) are put back to their values
             before this iteration, so the model (and the checkpoint that ``CheckpointSaver``
-            writes on the exception) is the finite state after the previous iteration.
+            writes on the exception) is the finite state after the previous iteration. In
+            distributed training every rank stops at the same iteration (the check is all-reduced).
     """
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -50,9 +51,14 @@ class ScaleAttentionIteration:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         losses = engine.loss_function(outputs, targets)
         total = losses["loss"]
-        if not torch.isfinite(total):
+        finite = bool(torch.isfinite(total.detach()))
+        if not _on_every_rank(finite, total.device):
             _restore(buffers, saved)
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            if finite:  # distributed: another rank's loss is not finite, so every rank stops here together
+                raise FloatingPointError(
+                    f"non-finite training loss at iteration {engine.state.iteration} on another rank; this rank's terms: {terms}."
+                )
             raise FloatingPointError(f"non-finite training loss at iteration {engine.state.iteration}: {terms}.")
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         total.backward()
@@ -76,6 +82,20 @@ class ScaleAttentionIteration:
             report["tau"] = float(outputs["tau"])
         engine.state.output.update({Keys.PRED: logits, "attention": outputs["attention"].detach(), **report})
         return engine.state.output
+
+
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` AND-ed over the ranks of an initialised process group (a one-element all-reduce);
+    ``flag`` itself without one. Under DistributedDataParallel a rank that stopped alone leaves
+    the others in the gradient all-reduce: with Gloo they fail with "Connection closed by peer",
+    with NCCL they wait for the collective timeout; either way the cause is not in their logs."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
 
 
 @torch.no_grad()

@@ -77,6 +77,34 @@ def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
     assert len(list(out.glob("events.out.tfevents*"))) == 1
 
 
+def test_torchrun_non_finite_loss_on_one_rank_stops_both(tmp_path):
+    """NaN pixels reach rank 1's tiles at iteration 2: both ranks stop at iteration 2 (rank 1
+    names its loss, rank 0 says another rank's was not finite; without the all-reduced check
+    rank 0 failed in the gradient all-reduce with Gloo's "Connection closed by peer"); rank 0's
+    checkpoint_final.pt holds the finite state after iteration 1."""
+    dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=256)
+    out = tmp_path / "run"
+    extra = tmp_path / "nan_on_rank1.json"
+    extra.write_text(json.dumps({"training": [
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=2), "
+        "lambda e: e.state.batch['image'][0, :, :4, :4].fill_(float('nan')) if @rank == 1 else None)",
+        "$@train#trainer.run()",
+    ]}))
+    configs = f"['bundle/configs/train.json','bundle/configs/multi_gpu_train.json','{extra}']"
+    cmd = TORCHRUN + ["-m", "monai.bundle", "run", "training", "--config_file", configs,
+                      "--dataset_dir", str(dataset), "--download", "False", "--output_dir", str(out),
+                      "--model_path", str(out / "model.pt"), "--width", "4", "--crop_size", "64", "--batch_size", "6",
+                      "--epochs", "1", "--iterations_per_epoch", "3", "--num_workers", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "non-finite training loss at iteration 2:" in text, text[-3000:]
+    assert "non-finite training loss at iteration 2 on another rank" in text, text[-3000:]
+    final = torch.load(out / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in final["network"].values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
 def test_torchrun_two_ranks_shard_slides_each_output_once(tmp_path):
     images = make_prepared_dataset(tmp_path / "data", n_images=3, size=192) / "images"
     slides = tmp_path / "slides"
