@@ -50,17 +50,23 @@ def test_distributed_sampler_ranks_split_one_balanced_global_batch():
         BalancedMagnificationBatchSampler(5, 3, batch_size=4, num_batches=2, rank=2, world_size=2)
 
 
-def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
+def _torchrun_training(tmp_path, extra: dict, iterations: int) -> tuple[subprocess.CompletedProcess, object]:
+    """2-rank CPU training of a width-4 F on a small generated dataset, ``train.json`` +
+    ``multi_gpu_train.json`` + the test's ``extra`` config; returns (process, output folder)."""
     dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=256)
     out = tmp_path / "run"
-    extra = tmp_path / "save_each_rank.json"
-    extra.write_text(json.dumps(SAVE_EACH_RANK))
-    configs = f"['bundle/configs/train.json','bundle/configs/multi_gpu_train.json','{extra}']"
+    extra_file = tmp_path / "extra.json"
+    extra_file.write_text(json.dumps(extra))
+    configs = f"['bundle/configs/train.json','bundle/configs/multi_gpu_train.json','{extra_file}']"
     cmd = TORCHRUN + ["-m", "monai.bundle", "run", "training", "--config_file", configs,
                       "--dataset_dir", str(dataset), "--download", "False", "--output_dir", str(out),
                       "--model_path", str(out / "model.pt"), "--width", "4", "--crop_size", "64", "--batch_size", "6",
-                      "--epochs", "1", "--iterations_per_epoch", "2", "--num_workers", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+                      "--epochs", "1", "--iterations_per_epoch", str(iterations), "--num_workers", "0"]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400), out
+
+
+def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
+    proc, out = _torchrun_training(tmp_path, SAVE_EACH_RANK, iterations=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -82,20 +88,12 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_both(tmp_path):
     names its loss, rank 0 says another rank's was not finite; without the all-reduced check
     rank 0 failed in the gradient all-reduce with Gloo's "Connection closed by peer"); rank 0's
     checkpoint_final.pt holds the finite state after iteration 1."""
-    dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=256)
-    out = tmp_path / "run"
-    extra = tmp_path / "nan_on_rank1.json"
-    extra.write_text(json.dumps({"training": [
+    nan_on_rank1 = {"training": [
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=2), "
         "lambda e: e.state.batch['image'][0, :, :4, :4].fill_(float('nan')) if @rank == 1 else None)",
         "$@train#trainer.run()",
-    ]}))
-    configs = f"['bundle/configs/train.json','bundle/configs/multi_gpu_train.json','{extra}']"
-    cmd = TORCHRUN + ["-m", "monai.bundle", "run", "training", "--config_file", configs,
-                      "--dataset_dir", str(dataset), "--download", "False", "--output_dir", str(out),
-                      "--model_path", str(out / "model.pt"), "--width", "4", "--crop_size", "64", "--batch_size", "6",
-                      "--epochs", "1", "--iterations_per_epoch", "3", "--num_workers", "0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    ]}
+    proc, out = _torchrun_training(tmp_path, nan_on_rank1, iterations=3)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "non-finite training loss at iteration 2:" in text, text[-3000:]
