@@ -124,3 +124,19 @@ def test_torchrun_two_ranks_shard_slides_each_output_once(tmp_path):
     # each slide segmented once: the writer logs "<slide>: N nuclei in S s" once per slide it finishes
     finished = re.findall(r"(slide\d): \d+ nuclei in", proc.stdout + proc.stderr)
     assert sorted(finished) == ["slide0", "slide1", "slide2"]
+
+
+def test_multi_gpu_overrides_name_existing_items():
+    """multi_gpu_train.json overrides items of train.json by id; each must still exist there
+    (an override of a missing id would silently add a new key), and handler 1 must be the
+    epoch seeding that gets the rank."""
+    from monai.bundle import ConfigParser
+
+    train = ConfigParser()
+    train.read_config(str(REPO / "bundle" / "configs" / "train.json"))
+    multi = json.loads((REPO / "bundle" / "configs" / "multi_gpu_train.json").read_text())
+    assert train["train#handlers#1#_target_"] == "custom.handlers.EpochSeedHandler"
+    for key in multi:
+        parent = key.rpartition("#")[0]
+        if parent and key not in ("train#handlers#1#rank", "train#sampler#rank", "train#sampler#world_size"):
+            assert parent in train, f"multi_gpu_train.json overrides {key}, but train.json has no {parent}"
