@@ -7,7 +7,7 @@ boolean setting therefore goes through :func:`flag`.
 
 from __future__ import annotations
 
-__all__ = ["check_overrides", "flag"]
+__all__ = ["check_overrides", "flag", "refuse_unknown_keys"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "none", "")
@@ -76,10 +76,7 @@ def check_overrides(argv: list[str] | None = None) -> None:
     Raises:
         ValueError: naming the unknown option, the config files, and the closest key.
     """
-    import difflib
     import sys
-
-    from monai.bundle import ConfigParser
 
     if argv is None:
         main = sys.argv[0].replace("\\", "/") if sys.argv else ""
@@ -94,16 +91,34 @@ def check_overrides(argv: list[str] | None = None) -> None:
         import ast
 
         files = ast.literal_eval(files)
-    known = _config_ids(ConfigParser.load_config_files(files))
-    for key in pairs:
-        if key in _RUN_OPTIONS or key in known:
-            continue
+    refuse_unknown_keys([k for k in pairs if k not in _RUN_OPTIONS], files,
+                        "New keys can only be added by a config file (--config_file \"['train.json', 'mine.json']\").")
+
+
+def refuse_unknown_keys(keys, config_files, advice: str = "") -> None:
+    """Raise for the first of ``keys`` (``a#b#c`` ids) that names nothing in ``config_files``.
+
+    A key is accepted when its id exists in the merged files, or when it sets a
+    ``_private_`` key (``_disabled_``, ``_mode_``) of an existing item. Used by
+    :func:`check_overrides` and ``scripts/segment.py``.
+
+    Args:
+        keys: the ids given on a command line.
+        config_files: a config file path or a list of them (merged as MONAI merges them).
+        advice: a sentence appended to the error.
+
+    Raises:
+        ValueError: naming the option, the config files, and the closest existing id.
+    """
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    known = _config_ids(ConfigParser.load_config_files(config_files))
+    for key in keys:
         parent, _, last = key.rpartition("#")
-        if last.startswith("_") and last.endswith("_") and parent in known:
+        if key in known or (last.startswith("_") and last.endswith("_") and parent in known):
             continue
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f" Did you mean --{close[0]}?" if close else ""
-        raise ValueError(
-            f"--{key}: not a key of {files}, so it would be silently ignored.{hint} "
-            "New keys can only be added by a config file (--config_file \"['train.json', 'mine.json']\")."
-        )
+        raise ValueError(f"--{key}: not a key of {config_files}, so it would be silently ignored.{hint} {advice}".rstrip())

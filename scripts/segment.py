@@ -55,9 +55,7 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         overwrite: recompute slides whose outputs are already complete.
         **overrides: any other inference.json key (window, halo, roi, magnification, amp_dtype, num_workers, ...).
     """
-    import difflib
-    import json
-
+    from custom.config import refuse_unknown_keys
     from custom.wsi import list_slides
 
     list_slides(input)  # a missing input or an empty folder fails here, before the bundle is parsed and the model loaded
@@ -65,12 +63,7 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
     from monai.bundle import ConfigWorkflow
 
     config_file = REPO / "bundle" / "configs" / "inference.json"
-    known = set(json.loads(config_file.read_text()))
-    for key in overrides:
-        if key.split("#")[0] not in known:  # a typo would otherwise be silently ignored
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" Did you mean --{close[0]}?" if close else ""
-            raise ValueError(f"--{key}: not a key of {config_file.name}.{hint}")
+    refuse_unknown_keys(overrides, str(config_file))  # a typo would otherwise be silently ignored
 
     inputs = [str(p) for p in input] if isinstance(input, (list, tuple)) else str(input)
     settings = {"input": inputs, "output_dir": str(out), "backend": backend, "mpp": mpp, "base_magnification": base_magnification,

@@ -18,6 +18,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def error_messages(error: BaseException | None) -> str:
+    """Every message along an exception's cause chain, one per line (MONAI's config
+    workflow wraps the root cause in "Failed to instantiate/evaluate ..." errors)."""
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
 def require_monuseg() -> Path:
     """The real MoNuSeg copy, or skip the test where it is absent."""
     if not (MONUSEG / "images").is_dir():

@@ -19,7 +19,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from tests.conftest import REPO, make_prepared_dataset
+from tests.conftest import REPO, error_messages, make_prepared_dataset
 
 TRAIN = REPO / "bundle" / "configs" / "train.json"
 
@@ -110,15 +110,6 @@ DATA_CASES = [
 ]
 
 
-def _messages(error: BaseException) -> str:
-    """Every message along the exception's cause chain (MONAI wraps the root cause)."""
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
-
-
 def _workflow(root: Path, out: Path) -> ConfigWorkflow:
     return ConfigWorkflow(config_file=str(TRAIN), workflow_type="train", dataset_dir=str(root), download=False,
                           output_dir=str(out), model_path=str(out / "model.pt"), width=4, crop_size=64, num_workers=0)
@@ -133,7 +124,7 @@ def test_bad_dataset_is_refused_before_training(case, tmp_path):
     workflow = _workflow(root, tmp_path / "run")
     with pytest.raises(Exception) as info:
         workflow.initialize()
-    assert expected in _messages(info.value), _messages(info.value)
+    assert expected in error_messages(info.value), error_messages(info.value)
     assert not list((tmp_path / "run").rglob("*.pt"))  # nothing that looks like a result
 
 

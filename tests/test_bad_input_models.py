@@ -20,7 +20,7 @@ from monai.networks.nets import UNet
 
 from custom.config import check_overrides
 from custom.networks import AttentionNet, save_attention_network
-from tests.conftest import REPO, make_prepared_dataset
+from tests.conftest import REPO, error_messages, make_prepared_dataset
 
 CONFIGS = REPO / "bundle" / "configs"
 MODEL = REPO / "bundle" / "models" / "model.pt"
@@ -82,14 +82,6 @@ SETTING_CASES = {
 }
 
 
-def _messages(error: BaseException | None) -> str:
-    parts = []
-    while error is not None:
-        parts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(parts)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_prepared_dataset(tmp_path_factory.mktemp("data"), n_images=4, size=256)
@@ -112,7 +104,7 @@ def _fails(workflow: ConfigWorkflow) -> str:
     with pytest.raises(Exception) as info:
         workflow.initialize()
         workflow.run()
-    return _messages(info.value)
+    return error_messages(info.value)
 
 
 @pytest.mark.parametrize("kind", list(MODEL_CASES), ids=list(MODEL_CASES))
