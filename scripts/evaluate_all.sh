@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Evaluate the shipped model, its ablations and the classical baselines on the
-# validation split with the bundle's own evaluator, then print the comparison table.
-#   scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR]
+# validation split with the bundle's own evaluator, then print the comparison tables.
+#   scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]
 # RUNS_DIR holds one folder per trained variant with its model.pt (default bundle/runs);
 # each variant's post-processing is tuned on the validation split first (stored in its model.pt).
+# A folder <variant>_s<seed> is a seed replica of <variant> ("train" = the shipped recipe):
+# it is evaluated into bundle/eval/replicas/<variant>_s<seed>/ and summarised by
+# `results_table.py seeds`. With NAMEs, only those folders are evaluated (no model, no baselines).
 set -euo pipefail
-DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR]}
+DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]}
 RUNS=${2:-bundle/runs}
+shift $(( $# < 2 ? $# : 2 )); NAMES=("$@")
 C=bundle/configs
 PY=${PYTHON:-python}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
@@ -15,21 +19,26 @@ evaluate() {  # evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do files="$files,'$1'"; shift; done; [ $# -gt 0 ] && shift
   $PY -m monai.bundle run evaluating --config_file "[$files]" --dataset_dir "$DATA" --download false --method "$method" "$@"
 }
-# the shipped model, with its tuned post-processing and with the paper's
-evaluate model
-evaluate model_paper_postprocess -- --eval#tuned "{}"
-# classical baselines: the paper's post-processing, then tuned on validation like the model
-for b in hematoxylin_otsu hematoxylin_local; do
-  evaluate $b $C/baselines/$b.json
-  $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b
-  evaluate ${b}_tuned $C/baselines/$b.json $C/baselines/${b}_tuned.json
-done
-# trained variants (ablations), each tuned on validation the same way
-for d in "$RUNS"/*/; do
-  n=$(basename "$d"); [ -f "$d/model.pt" ] || continue; [ "$n" = train ] && continue
-  ablation=$C/ablations/$n.json; extra=(); [ -f "$ablation" ] && extra=("$ablation")
+if [ ${#NAMES[@]} -eq 0 ]; then
+  # the shipped model, with its tuned post-processing and with the paper's
+  evaluate model
+  evaluate model_paper_postprocess -- --eval#tuned "{}"
+  # classical baselines: the paper's post-processing, then tuned on validation like the model
+  for b in hematoxylin_otsu hematoxylin_local; do
+    evaluate $b $C/baselines/$b.json
+    $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b
+    evaluate ${b}_tuned $C/baselines/$b.json $C/baselines/${b}_tuned.json
+  done
+  NAMES=(); for d in "$RUNS"/*/; do NAMES+=("$(basename "$d")"); done
+fi
+# trained variants (ablations and seed replicas), each tuned on validation the same way
+for n in "${NAMES[@]}"; do
+  d=$RUNS/$n; [ -f "$d/model.pt" ] || { [ $# -gt 0 ] && { echo "$d/model.pt: not found" >&2; exit 1; }; continue; }
+  [ "$n" = train ] && continue
+  variant=$n; out=(); if [[ $n =~ ^(.+)_s[0-9]+$ ]]; then variant=${BASH_REMATCH[1]}; out=(--eval_dir "bundle/eval/replicas/$n"); fi
+  ablation=$C/ablations/$variant.json; extra=(); [ -f "$ablation" ] && extra=("$ablation")
   $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --checkpoint "$d/model.pt" --write_model \
       --out_config "$d/postprocess_tuned.json" ${extra[@]:+--config "${extra[0]}"}
-  evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt"
+  evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt" "${out[@]}"
 done
 $PY scripts/results_table.py

@@ -8,16 +8,23 @@ Usage::
     python scripts/results_table.py bundle/eval/model bundle/eval/hematoxylin_otsu --paper false
     python scripts/results_table.py --out bundle/docs/results.md
     python scripts/results_table.py --into README.md      # refill the README's generated block
+    python scripts/results_table.py --seeds --into README.md   # the seed table and its block
 
 Rows: one per summary (its ``method``), in the order given (default: sorted by AJI),
 then the paper's Table 1 rows for reference, labelled as measured on the MoNuSeg
 test set by the paper, not by this bundle.
+
+With ``--seeds``: one row per trained variant that has seed replicas
+(``bundle/eval/replicas/<variant>_s<seed>/``, written by ``scripts/evaluate_all.sh``),
+with the mean and the range over its seeds; seed 0 is the variant's own row
+(``bundle/eval/<variant>/``; for ``train``, the shipped ``model``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -84,22 +91,60 @@ def _aji_key(summary: dict) -> float:
 
 
 START, END = "<!-- results table: generated -->", "<!-- end of results table -->"
+SEED_START, SEED_END = "<!-- seed table: generated -->", "<!-- end of seed table -->"
+SEED_COLUMNS = [("aji", "AJI", 4), ("dice", "ADC (Dice)", 4), ("ahd", "AHD (px)", 2), ("pq", "PQ", 4)]
 
 
-def replace_block(text: str, table_text: str, source: str = "the document") -> str:
-    """``text`` with the lines between the START and END markers replaced by ``table_text``.
+def seed_groups(eval_root) -> list[tuple[str, list[dict]]]:
+    """``(variant, summaries)`` for every variant with seed replicas under ``eval_root/replicas``:
+    seed 0 (``eval_root/<variant>``, ``model`` for ``train``) first when it exists, then the
+    replicas by seed. Variants are ordered by mean AJI, best first."""
+    eval_root = Path(eval_root)
+    replicas: dict[str, list[tuple[int, Path]]] = {}
+    for f in (eval_root / "replicas").glob("*/summary.json"):
+        m = re.fullmatch(r"(.+)_s(\d+)", f.parent.name)
+        if m:
+            replicas.setdefault(m.group(1), []).append((int(m.group(2)), f))
+    groups = []
+    for variant, seeds in replicas.items():
+        own = eval_root / ("model" if variant == "train" else variant) / "summary.json"
+        files = ([own] if own.is_file() else []) + [f for _, f in sorted(seeds)]
+        groups.append((variant, load_summaries(files)))
+    groups.sort(key=lambda g: -sum(_aji_key(s) for s in g[1]) / len(g[1]))
+    return groups
+
+
+def seed_table(groups: list[tuple[str, list[dict]]]) -> str:
+    """Markdown table: variant, number of seeds, then per metric ``mean (min-max)`` over the seeds."""
+    head = ["variant (training seeds)", "seeds", *(c[1] for c in SEED_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, summaries in groups:
+        label = "train (the shipped recipe)" if variant == "train" else variant
+        cells = [label, str(len(summaries))]
+        for key, _, digits in SEED_COLUMNS:
+            values = [s[key] for s in summaries if isinstance(s.get(key), (int, float)) and math.isfinite(s[key])]
+            cells.append(f"{_fmt(sum(values) / len(values), digits)} ({_fmt(min(values), digits)}-{_fmt(max(values), digits)})"
+                         if values else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, table_text: str, source: str = "the document", start_marker: str = START,
+                  end_marker: str = END) -> str:
+    """``text`` with the lines between ``start_marker`` and ``end_marker`` replaced by ``table_text``.
 
     Raises:
         ValueError: naming ``source`` when the markers are missing or out of order.
     """
-    start, end = text.find(START), text.find(END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{source}: no '{START}' ... '{END}' block to fill.")
-    return text[: start + len(START)] + "\n" + table_text + "\n" + text[end:]
+        raise ValueError(f"{source}: no '{start_marker}' ... '{end_marker}' block to fill.")
+    return text[: start + len(start_marker)] + "\n" + table_text + "\n" + text[end:]
 
 
-def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None) -> None:
-    """Print (and optionally write to ``out``) the comparison table.
+def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None,
+         seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval")) -> None:
+    """Print (and optionally write to ``out``) the comparison table, or with ``seeds`` the seed table.
 
     Args:
         paths: summary files or evaluation folders (default: every ``bundle/eval/*/summary.json``).
@@ -108,8 +153,18 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
         out: also write the table to this file (atomically).
         into: also put the table into this Markdown file, between the lines
             ``<!-- results table: generated -->`` and ``<!-- end of results table -->``
-            (README.md and bundle/docs/README.md have that block).
+            (README.md and bundle/docs/README.md have that block); with ``seeds``, between
+            ``<!-- seed table: generated -->`` and ``<!-- end of seed table -->``.
+        seeds: print the seed table of ``eval_root`` instead (``paths``, ``paper`` and ``sort`` do not apply).
+        eval_root: the evaluation folder that ``seeds`` reads.
     """
+    if flag(seeds, "--seeds"):
+        groups = seed_groups(eval_root)
+        if not groups:
+            raise SystemExit(f"{eval_root}/replicas: no seed replicas evaluated yet (scripts/evaluate_all.sh with "
+                             "<variant>_s<seed> run folders).")
+        _emit(seed_table(groups), out, into, SEED_START, SEED_END)
+        return
     if not paths:
         paths = sorted(str(p) for p in (REPO / "bundle" / "eval").glob("*/summary.json"))
         if not paths:
@@ -117,12 +172,16 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
     summaries = load_summaries(paths)
     if flag(sort, "--sort"):
         summaries.sort(key=lambda s: -_aji_key(s))
-    text = table(summaries, flag(paper, "--paper"))
+    _emit(table(summaries, flag(paper, "--paper")), out, into, START, END)
+
+
+def _emit(text: str, out: str | None, into: str | None, start_marker: str, end_marker: str) -> None:
+    """Print ``text``; write it to ``out`` and into ``into``'s marked block (atomically)."""
     if out:
         write_atomic(out, lambda tmp: Path(tmp).write_text(text + "\n"))
     if into:
         try:
-            filled = replace_block(Path(into).read_text(), text, into)
+            filled = replace_block(Path(into).read_text(), text, into, start_marker, end_marker)
         except (OSError, ValueError) as e:
             raise SystemExit(f"--into {into}: {e}") from e
         write_atomic(into, lambda tmp: Path(tmp).write_text(filled))

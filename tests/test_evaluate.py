@@ -202,3 +202,64 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
     page.write_text("no markers")
     proc = run_script("results_table.py", "--into", str(page))
     assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
+    seeds = module.seed_table(module.seed_groups(REPO / "bundle" / "eval"))
+    for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
+        text = doc.read_text()
+        block = text[text.index(module.SEED_START) + len(module.SEED_START): text.index(module.SEED_END)].strip()
+        assert block == seeds, f"{doc}: run python scripts/results_table.py --seeds --into {doc.relative_to(REPO)}"
+
+
+def test_seed_table_groups_replicas_with_seed_zero(tmp_path):
+    """Replicas <variant>_s<seed> join their variant's own row (the shipped model for train);
+    each metric is the mean with the range; variants are sorted by mean AJI."""
+    root = tmp_path / "eval"
+    _summary(root / "model", "model", 0.40, ahd=10.0)
+    _summary(root / "replicas" / "train_s1", "train_s1", 0.44, ahd=12.0)
+    _summary(root / "replicas" / "train_s2", "train_s2", 0.42, ahd=11.0)
+    _summary(root / "minus_smooth", "minus_smooth", 0.30)
+    _summary(root / "replicas" / "minus_smooth_s1", "minus_smooth_s1", 0.32)
+    _summary(root / "minus_equiv", "minus_equiv", 0.5)  # no replicas: not in the seed table
+    page = tmp_path / "page.md"
+    page.write_text("a\n<!-- seed table: generated -->\nold\n<!-- end of seed table -->\nb\n")
+    proc = run_script("results_table.py", "--seeds", "--eval_root", str(root), "--into", str(page))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)[1:]  # after the header
+    assert rows == ["| train (the shipped recipe) | 3 | 0.4200 (0.4000-0.4400) | 0.7000 (0.7000-0.7000) | 11.00 (10.00-12.00) "
+                    "| 0.4000 (0.4000-0.4000) |",
+                    "| minus_smooth | 2 | 0.3100 (0.3000-0.3200) | 0.7000 (0.7000-0.7000) | 5.00 (5.00-5.00) | 0.4000 (0.4000-0.4000) |"]
+    assert page.read_text().startswith("a\n<!-- seed table: generated -->\n| variant (training seeds) |")
+    assert page.read_text().endswith("<!-- end of seed table -->\nb\n")
+    empty = run_script("results_table.py", "--seeds", "--eval_root", str(tmp_path / "nothing"))
+    assert empty.returncode != 0 and "no seed replicas" in empty.stderr
+
+
+def _evaluate_all(runs: Path, *names: str) -> subprocess.CompletedProcess:
+    """scripts/evaluate_all.sh with PYTHON=echo: every command it would run is printed instead."""
+    return subprocess.run(["bash", "scripts/evaluate_all.sh", "DATA", str(runs), *names], check=False, cwd=REPO,
+                          env={**ENV, "PYTHON": "echo"}, capture_output=True, text=True, timeout=60)
+
+
+def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("train", "minus_smooth", "train_s1", "minus_smooth_s2", "notes"):
+        (runs / name).mkdir(parents=True)
+        if name != "notes":
+            (runs / name / "model.pt").write_bytes(b"")
+    proc = _evaluate_all(runs)
+    assert proc.returncode == 0, proc.stderr
+    evaluated = {line.split("--method ")[1].split()[0]: line for line in proc.stdout.splitlines() if "run evaluating" in line}
+    # the shipped model twice, two baselines twice each, then every run folder with a model except train
+    assert set(evaluated) == {"model", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned",
+                              "hematoxylin_local", "hematoxylin_local_tuned", "minus_smooth", "train_s1", "minus_smooth_s2"}
+    assert "ablations/minus_smooth.json" in evaluated["minus_smooth"] and "--eval_dir" not in evaluated["minus_smooth"]
+    assert "ablations/minus_smooth.json" in evaluated["minus_smooth_s2"]
+    assert "--eval_dir bundle/eval/replicas/minus_smooth_s2" in evaluated["minus_smooth_s2"]
+    assert "ablations" not in evaluated["train_s1"] and "--eval_dir bundle/eval/replicas/train_s1" in evaluated["train_s1"]
+    tuned = [line for line in proc.stdout.splitlines() if "tune_postprocess.py" in line and "--checkpoint" in line]
+    assert len(tuned) == 3 and all("--write_model" in line for line in tuned)
+
+    only = _evaluate_all(runs, "train_s1")
+    assert only.returncode == 0, only.stderr
+    assert [line.split("--method ")[1].split()[0] for line in only.stdout.splitlines() if "run evaluating" in line] == ["train_s1"]
+    missing = _evaluate_all(runs, "notes")
+    assert missing.returncode != 0 and "notes/model.pt: not found" in missing.stderr
