@@ -6,7 +6,7 @@
 # each variant's post-processing is tuned on the validation split first (stored in its model.pt).
 # A folder <variant>_s<seed> is a seed replica of <variant> ("train" = the shipped recipe):
 # it is evaluated into bundle/eval/replicas/<variant>_s<seed>/ and summarised by
-# `results_table.py seeds`. With NAMEs, only those folders are evaluated (no model, no baselines).
+# `results_table.py --seeds`. With NAMEs, only those folders are evaluated (no model, no baselines).
 set -euo pipefail
 DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]}
 RUNS=${2:-bundle/runs}
@@ -42,3 +42,4 @@ for n in "${NAMES[@]}"; do
   evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt" "${out[@]}"
 done
 $PY scripts/results_table.py
+if [ -d bundle/eval/replicas ]; then $PY scripts/results_table.py --seeds; fi
