@@ -36,6 +36,7 @@ __all__ = [
     "load_label",
     "load_rgb",
     "reinhard_target",
+    "stain_settings_of",
     "stain_target_of",
 ]
 
@@ -436,3 +437,24 @@ def stain_target_of(network, source: str = "the model") -> tuple[list, list]:
             "(which stores the training images' target) or train with this version of the bundle."
         )
     return target[0], target[1]
+
+
+LEGACY_STAIN_SETTINGS = {"brightness_percentile": 90.0, "max_std_ratio": None}
+"""What every model exported before bundle 0.5.0 (which stored no ``stain_settings``) was trained with."""
+
+
+def stain_settings_of(network) -> dict:
+    """The Reinhard settings an attention network was trained with, ``{"brightness_percentile":
+    float or None, "max_std_ratio": float or None}``, from its state (``network.stain_settings``).
+    Weights exported before bundle 0.5.0 store none; they were all trained with
+    :data:`LEGACY_STAIN_SETTINGS` (brightness standardised at the 90th percentile, no contrast cap).
+
+    Raises:
+        ValueError: the stored settings lack a key or hold an unusable value.
+    """
+    stored = getattr(network, "stain_settings", None)
+    settings = dict(LEGACY_STAIN_SETTINGS if stored is None else stored)
+    missing = set(LEGACY_STAIN_SETTINGS) - set(settings)
+    if missing:
+        raise ValueError(f"the model's stain_settings lack {sorted(missing)}: got {stored!r}.")
+    return {key: None if settings[key] is None else float(settings[key]) for key in LEGACY_STAIN_SETTINGS}

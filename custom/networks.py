@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -183,10 +183,13 @@ class AttentionNet(nn.Module):
         stain_prior_gain: weight of ``h`` in the logits for ``"logit"`` (logit units per OD unit).
         stain_target: the Reinhard target ``(LAB means, LAB stds)`` the network was trained
             with, kept in its state dict so inference normalises new images the same way.
+        stain_settings: the rest of that normalisation, ``{"brightness_percentile": float
+            or None, "max_std_ratio": float or None}`` (see
+            :class:`custom.transforms.ReinhardNormalize`), kept likewise.
 
     Besides weights and BatchNorm statistics, the state dict carries (as ``_extra_state``)
-    ``stain_target`` and ``postprocess``: the post-processing parameters tuned on the
-    validation images (``scripts/tune_postprocess.py``), empty until tuned.
+    ``stain_target``, ``stain_settings`` and ``postprocess``: the post-processing parameters
+    tuned on the validation images (``scripts/tune_postprocess.py``), empty until tuned.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class AttentionNet(nn.Module):
         stain_prior: str = "none",
         stain_prior_gain: float = 1.0,
         stain_target: Sequence[Sequence[float]] | None = None,
+        stain_settings: Mapping | None = None,
     ):
         super().__init__()
         if width < 1 or in_channels < 1:
@@ -223,13 +227,15 @@ class AttentionNet(nn.Module):
             nn.init.zeros_(self.head.bias)
         self.activation = PercentileSigmoid(eta=eta, r=r, momentum=momentum, sparse=sparse)
         self.stain_target = None if stain_target is None else [[float(v) for v in stain_target[0]], [float(v) for v in stain_target[1]]]
+        self.stain_settings = None if stain_settings is None else dict(stain_settings)
         self.postprocess: dict = {}
 
     def get_extra_state(self) -> dict:
-        return {"stain_target": self.stain_target, "postprocess": dict(self.postprocess)}
+        return {"stain_target": self.stain_target, "stain_settings": self.stain_settings, "postprocess": dict(self.postprocess)}
 
     def set_extra_state(self, state: dict) -> None:
         self.stain_target = state.get("stain_target")
+        self.stain_settings = state.get("stain_settings")
         self.postprocess = dict(state.get("postprocess") or {})
 
     @property

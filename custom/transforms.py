@@ -178,20 +178,30 @@ class ReinhardNormalize(Transform):
     of the image itself; passing ``source`` (see :func:`reinhard_source_stats`) uses
     fixed ones instead, so that all windows of a slide get the same mapping.
 
+    ``max_std_ratio`` bounds the contrast change: each channel's scale
+    ``target_std / source_std`` is clipped to ``[1 / max_std_ratio, max_std_ratio]``.
+    Plain Reinhard (None) stretches a low-contrast image without white space (e.g. one
+    that is 40 % pale nuclei) until pale nuclei and stroma look alike.
+
     Args:
         target_means: 3 LAB means (L* in [0, 100]).
         target_stds: 3 LAB standard deviations.
         brightness_percentile: percentile in (0, 100] or None to skip.
+        max_std_ratio: largest contrast change per LAB channel (>= 1), or None for none.
     """
 
-    def __init__(self, target_means: Sequence[float], target_stds: Sequence[float], brightness_percentile: float | None = 90.0):
+    def __init__(self, target_means: Sequence[float], target_stds: Sequence[float], brightness_percentile: float | None = 90.0,
+                 max_std_ratio: float | None = None):
         if len(target_means) != 3 or len(target_stds) != 3:
             raise ValueError("ReinhardNormalize needs 3 target means and 3 target stds (L*, a*, b*).")
         if brightness_percentile is not None and not 0 < brightness_percentile <= 100:
             raise ValueError(f"brightness_percentile must be in (0, 100], got {brightness_percentile}.")
+        if max_std_ratio is not None and (isinstance(max_std_ratio, bool) or not isinstance(max_std_ratio, (int, float)) or not max_std_ratio >= 1):
+            raise ValueError(f"max_std_ratio must be a number >= 1 or None, got {max_std_ratio!r}.")
         self.target_means = np.asarray(target_means, dtype=np.float64)
         self.target_stds = np.asarray(target_stds, dtype=np.float64)
         self.brightness_percentile = brightness_percentile
+        self.max_std_ratio = None if max_std_ratio is None else float(max_std_ratio)
 
     def __call__(self, img, source=None):
         """img: ``(3, H, W)`` RGB in [0, 1]; returns the same shape and type.
@@ -208,7 +218,10 @@ class ReinhardNormalize(Transform):
             white = None if np.isnan(src[0]) else float(src[0])
             lab = rgb2lab(_standardise_brightness(_to_hwc(img), None, white))
             mu, sd = src[1:4], src[4:7]
-        lab = (lab - mu) / np.maximum(sd, 1e-6) * self.target_stds + self.target_means
+        scale = self.target_stds / np.maximum(sd, 1e-6)
+        if self.max_std_ratio is not None:
+            scale = np.clip(scale, 1.0 / self.max_std_ratio, self.max_std_ratio)
+        lab = (lab - mu) * scale + self.target_means
         lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
         return _like(np.clip(lab2rgb(lab), 0.0, 1.0), img)
 
@@ -272,9 +285,9 @@ class ReinhardNormalized(MapTransform):
     :func:`reinhard_source_stats`) when present."""
 
     def __init__(self, keys: KeysCollection, target_means, target_stds, brightness_percentile: float | None = 90.0,
-                 source_key: str | None = None, allow_missing_keys: bool = False):
+                 source_key: str | None = None, allow_missing_keys: bool = False, max_std_ratio: float | None = None):
         super().__init__(keys, allow_missing_keys)
-        self.transform = ReinhardNormalize(target_means, target_stds, brightness_percentile)
+        self.transform = ReinhardNormalize(target_means, target_stds, brightness_percentile, max_std_ratio)
         self.source_key = source_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:

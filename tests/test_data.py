@@ -186,3 +186,16 @@ def test_stain_target_of():
         stain_target_of(AttentionNet(width=2, dilations=(1,)), "weights/model.pt")
     with pytest.raises(ValueError, match="stain target"):
         stain_target_of(object())  # no stain_target attribute at all
+
+
+def test_stain_settings_of():
+    from custom.data import LEGACY_STAIN_SETTINGS, stain_settings_of
+    from custom.networks import AttentionNet
+
+    stored = {"brightness_percentile": None, "max_std_ratio": 1.5}
+    assert stain_settings_of(AttentionNet(width=2, dilations=(1,), stain_settings=stored)) == stored
+    # weights from before bundle 0.5.0 store none: they were trained with brightness 90 and no cap
+    legacy = stain_settings_of(AttentionNet(width=2, dilations=(1,)))
+    assert legacy == LEGACY_STAIN_SETTINGS == {"brightness_percentile": 90.0, "max_std_ratio": None}
+    with pytest.raises(ValueError, match="max_std_ratio"):
+        stain_settings_of(AttentionNet(width=2, dilations=(1,), stain_settings={"brightness_percentile": 90}))

@@ -89,6 +89,21 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     assert len(list((out / "overlays").glob("*.png"))) == 2
 
 
+@pytest.mark.parametrize("stored, expected", [
+    ({"brightness_percentile": None, "max_std_ratio": 1.5}, (None, 1.5)),
+    (None, (90.0, None)),  # a model exported before the settings were stored: what it was trained with
+], ids=["stored", "legacy"])
+def test_evaluation_normalises_with_the_models_own_stain_settings(tmp_path, stored, expected):
+    net = AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0, stain_target=STAIN_TARGET, stain_settings=stored)
+    model = save_attention_network(net, tmp_path / "m.pt")
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    # the training defaults say otherwise: the model's settings win
+    parser.update({"checkpoint": str(model), "width": 4, "brightness_percentile": 75, "reinhard_max_std_ratio": 3.0})
+    normalise = parser.get_parsed_content("eval#stain_normalisation").transform
+    assert (normalise.brightness_percentile, normalise.max_std_ratio) == expected
+
+
 def test_model_without_stain_target_is_refused(tmp_path, dataset):
     model = tiny_model(tmp_path / "old.pt", stain_target=None)
     proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",

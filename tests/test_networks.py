@@ -238,20 +238,21 @@ def test_receptive_radius():
 def test_extra_state_survives_save_and_load(tmp_path):
     from custom.networks import load_attention_weights, save_attention_network
 
-    f = AttentionNet(stain_prior="logit", stain_target=STAIN_TARGET, **SMALL)
+    settings = {"brightness_percentile": None, "max_std_ratio": 1.5}
+    f = AttentionNet(stain_prior="logit", stain_target=STAIN_TARGET, stain_settings=settings, **SMALL)
     f.train()(torch.randn(2, 3, 16, 16))  # sets the running tau
     f.postprocess = {"threshold": 0.35, "footprint_radius": 5, "min_size": 10, "tuned_on": {"split": "val", "n_images": 11}}
     path = save_attention_network(f, tmp_path / "sub" / "model.pt")
     assert path == tmp_path / "sub" / "model.pt" and path.is_file()
     assert not (tmp_path / "sub" / "model.pt.tmp").exists()
     g = load_attention_weights(AttentionNet(stain_prior="logit", **SMALL), str(path))
-    assert g.stain_target == STAIN_TARGET and g.postprocess == f.postprocess
+    assert g.stain_target == STAIN_TARGET and g.postprocess == f.postprocess and g.stain_settings == settings
     assert torch.equal(g.stem[0].weight, f.stem[0].weight) and g.activation.running_tau == f.activation.running_tau != 0
     # the same through a training checkpoint (F's keys, extra state included, under "attention.")
     model = ScaleAttentionModel(f, scale_classifier(), channels_last=False)
     torch.save({"network": model.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
     h = load_attention_weights(AttentionNet(stain_prior="logit", **SMALL), str(tmp_path / "ckpt.pt"))
-    assert h.stain_target == STAIN_TARGET and h.postprocess == f.postprocess
+    assert h.stain_target == STAIN_TARGET and h.postprocess == f.postprocess and h.stain_settings == settings
 
 
 def test_state_without_extra_state_still_loads(tmp_path):

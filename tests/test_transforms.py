@@ -81,6 +81,60 @@ def test_reinhard_stats_self_target_is_near_identity():
         ReinhardNormalize([1, 2], [1, 2, 3])
 
 
+def test_reinhard_max_std_ratio_bounds_the_contrast_change():
+    img = _tissue(2)
+    lab_in = rgb2lab(np.moveaxis(img, 0, -1).astype(np.float64)).reshape(-1, 3)
+    target_means, target_stds = lab_in.mean(0) + [5.0, 2.0, -2.0], lab_in.std(0) * np.array([3.0, 0.2, 1.2])
+    plain = ReinhardNormalize(target_means, target_stds, brightness_percentile=None)(img)
+    capped = ReinhardNormalize(target_means, target_stds, brightness_percentile=None, max_std_ratio=1.5)(img)
+    # the same as plain Reinhard to stds of source x [1.5, 1/1.5, 1.2]: each scale clipped to [1/1.5, 1.5]
+    clipped = ReinhardNormalize(target_means, lab_in.std(0) * np.array([1.5, 1 / 1.5, 1.2]), brightness_percentile=None)(img)
+    np.testing.assert_allclose(capped, clipped, atol=1e-5)
+    assert np.abs(capped - plain).max() > 0.05
+    # a cap that does not bind changes nothing
+    loose = ReinhardNormalize(target_means, target_stds, brightness_percentile=None, max_std_ratio=100)(img)
+    np.testing.assert_allclose(loose, plain, atol=1e-6)
+    d = ReinhardNormalized("image", target_means, target_stds, brightness_percentile=None, max_std_ratio=1.5)({"image": img})
+    np.testing.assert_allclose(d["image"], capped)
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -2, True, "1.5", float("nan")])
+def test_reinhard_max_std_ratio_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match="max_std_ratio"):
+        ReinhardNormalize([70.0, 20.0, -15.0], [12.0, 8.0, 6.0], max_std_ratio=bad)
+
+
+def test_reinhard_cap_keeps_pale_nuclei_on_real_low_contrast_image():
+    """TCGA-18-5592 (40 % pale vesicular nuclei, no white space): plain Reinhard with the
+    brightness standardisation washes its nuclei into the stroma, the capped version does not
+    (hematoxylin density + Otsu against the true foreground)."""
+    from PIL import Image
+    from skimage.filters import threshold_otsu
+
+    from custom.data import reinhard_target
+    from custom.networks import HematoxylinDensity
+    from tests.conftest import require_monuseg
+
+    root = require_monuseg()
+    image_id = "TCGA-18-5592-01Z-00-DX1"
+    rgb = np.asarray(Image.open(root / "images" / f"{image_id}.png").convert("RGB"))
+    truth = np.asarray(Image.open(root / "labels" / f"{image_id}.png")) > 0
+    reference = [np.asarray(Image.open(root / "images" / f"{i}.png").convert("RGB")) for i in ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5711-01Z-00-DX1")]
+    hematoxylin = HematoxylinDensity()
+    mean, sd = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+
+    def dice(percentile, max_std_ratio):
+        means, stds = reinhard_target(reference, None, percentile)
+        out = ReinhardNormalize(means, stds, percentile, max_std_ratio)(np.moveaxis(rgb, -1, 0).astype(np.float32) / 255)
+        h = hematoxylin(torch.from_numpy(((out - mean) / sd).astype(np.float32))[None])[0, 0].numpy()
+        h = np.clip(h, *np.percentile(h, [0.5, 99.5]))
+        mask = h > threshold_otsu(h)
+        return 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+
+    plain, capped = dice(90, None), dice(None, 1.5)
+    assert capped > 0.7 and capped > plain + 0.2, (plain, capped)
+
+
 def test_hed_jitter():
     img = _tissue(2)
     assert np.abs(RandHEDJitter(sigma=0.0)(img) - img).max() < 1e-3  # deconvolution round trip

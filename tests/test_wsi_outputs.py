@@ -55,6 +55,28 @@ def infer(model, input, output_dir, **overrides):
     return wf
 
 
+@pytest.mark.parametrize("stored, expected", [
+    ({"brightness_percentile": None, "max_std_ratio": 1.5}, (None, 1.5)),
+    (None, (90.0, None)),  # weights from before bundle 0.5.0: the settings they were trained with
+], ids=["stored", "legacy"])
+def test_inference_normalises_with_the_models_own_stain_settings(tmp_path, stored, expected):
+    from monai.bundle import ConfigParser
+
+    from custom.transforms import ReinhardNormalized
+
+    net = AttentionNet(eta=20, stain_prior="logit", stain_prior_gain=2.0, stain_target=[[70.0, 20.0, -15.0], [12.0, 8.0, 6.0]],
+                       stain_settings=stored, **SMALL)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser.update({"model_path": str(save_attention_network(net, tmp_path / "model.pt")), "device": torch.device("cpu"), **SMALL})
+    (normalise,) = [t for t in parser.get_parsed_content("preprocessing").transforms if isinstance(t, ReinhardNormalized)]
+    assert (normalise.transform.brightness_percentile, normalise.transform.max_std_ratio) == expected
+    assert parser.get_parsed_content("windows#brightness_percentile") == expected[0]  # the slide's source statistics
+    parser.update({"reinhard_max_std_ratio": 2.0})  # a key given on the command line still wins
+    (normalise,) = [t for t in parser.get_parsed_content("preprocessing").transforms if isinstance(t, ReinhardNormalized)]
+    assert normalise.transform.max_std_ratio == 2.0
+
+
 def check_outputs(out, name, level0_shape, is_image=False):
     """The files of one slide are complete and consistent; returns (summary, features)."""
     summary = json.loads((out / f"{name}.json").read_text())
