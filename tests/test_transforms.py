@@ -155,3 +155,22 @@ def test_rand_dihedrald_same_transform_for_all_keys():
         np.testing.assert_array_equal(d["image"], d["copy"])
         seen.add(d["image"].tobytes())
     assert len(seen) == 8
+
+
+def test_compare_stain_normalisation_script(prepared_dataset, capsys):
+    """scripts/compare_stain_normalisation.py: one row per image, one column per setting;
+    purple disks on pink keep their contrast under every normalisation."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("compare_stain_normalisation", REPO / "scripts" / "compare_stain_normalisation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    means = module.compare(str(prepared_dataset), settings=[(90, None), (None, 1.5)])
+    assert list(means) == ["raw", "brightness 90.0, cap None", "brightness None, cap 1.5"]
+    assert all(v > 0.9 for v in means.values()), means
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic-")]
+    assert len(rows) == 2 and all(line.count("|") == 5 for line in rows)
+    with pytest.raises(SystemExit, match="pairs"):
+        module.compare(str(prepared_dataset), settings=[90])
