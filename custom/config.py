@@ -7,7 +7,7 @@ boolean setting therefore goes through :func:`flag`.
 
 from __future__ import annotations
 
-__all__ = ["check_overrides", "flag", "refuse_unknown_keys"]
+__all__ = ["check_overrides", "flag", "refuse_none_values", "refuse_unknown_keys"]
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "none", "")
@@ -93,6 +93,28 @@ def check_overrides(argv: list[str] | None = None) -> None:
         files = ast.literal_eval(files)
     refuse_unknown_keys([k for k in pairs if k not in _RUN_OPTIONS], files,
                         "New keys can only be added by a config file (--config_file \"['train.json', 'mine.json']\").")
+    refuse_none_values({k: v for k, v in pairs.items() if k not in _RUN_OPTIONS})
+
+
+def refuse_none_values(pairs: dict[str, str]) -> None:
+    """Raise for a command-line override whose value is ``None``.
+
+    Fire turns ``--key None`` into Python's None, and ``monai.bundle run`` drops every
+    override that is None (``update_kwargs(ignore_none=True)``): the config's own value
+    would be used without a word. The config expression ``'$None'`` does set None.
+
+    Args:
+        pairs: ``{key: value as typed}`` from the command line.
+
+    Raises:
+        ValueError: naming the option and the spelling that works.
+    """
+    for key, value in pairs.items():
+        if value.strip() == "None":
+            raise ValueError(
+                f"--{key} None: monai.bundle run drops overrides whose value is None, so {key} would keep its config value. "
+                f"Write --{key} '$None' (a config expression) to set it to None."
+            )
 
 
 def refuse_unknown_keys(keys, config_files, advice: str = "") -> None:

@@ -144,6 +144,25 @@ def test_misspelt_override_is_refused(case):
     assert named in str(info.value) and f"Did you mean {suggestion}?" in str(info.value)
 
 
+@pytest.mark.parametrize("args", [["--brightness_percentile", "None"], ["--amp_dtype=None"], ["--eval_split", " None"]],
+                         ids=["space", "equals", "padded"])
+def test_none_override_is_refused_with_the_spelling_that_works(args):
+    """monai.bundle run drops overrides whose value is None: the key would silently keep its config value."""
+    with pytest.raises(ValueError) as info:
+        check_overrides(["run", "training", "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']", *args])
+    key = args[0][2:].partition("=")[0]
+    assert f"--{key} None: monai.bundle run drops" in str(info.value) and f"--{key} '$None'" in str(info.value)
+
+
+def test_dollar_none_passes_and_sets_none():
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import _update_args
+
+    check_overrides(["run", "training", "--config_file", "bundle/configs/train.json", "--brightness_percentile", "$None"])
+    parser = ConfigParser(_update_args(args={"brightness_percentile": 90}, brightness_percentile="$None"))
+    assert parser.get_parsed_content("brightness_percentile") is None
+
+
 def test_known_overrides_pass():
     check_overrides(["run", "training", "--config_file", "bundle/configs/train.json", "--epochs", "2", "--train#trainer#max_epochs",
                      "2", "--train#checkpoint_loader#_disabled_", "true", "--meta_file", "bundle/configs/metadata.json"])
