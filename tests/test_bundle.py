@@ -67,6 +67,7 @@ def test_training_writes_events_checkpoints_and_model(tmp_path):
         ("minus_stain_prior", lambda p: p.get_parsed_content("network_def").stain_prior == "none"),
         ("paper_settings", lambda p: p.get_parsed_content("network_def").activation.eta == 7.0
          and p.get_parsed_content("network_def").stain_prior == "none"),
+        ("plain_reinhard", lambda p: p.get_parsed_content("network_def").stain_settings == {"brightness_percentile": 90, "max_std_ratio": None}),
     ],
 )
 def test_ablation_overrides(ablation, check):
@@ -75,6 +76,17 @@ def test_ablation_overrides(ablation, check):
     parser["network_def#stain_target"] = None  # the stain target is computed from the training images: none here
     assert check(parser)
     assert ablation in parser.get_parsed_content("output_dir")
+
+
+def test_default_stain_normalisation_is_contrast_capped():
+    """The shipped recipe: no brightness standardisation, each LAB channel's contrast change within [1/1.5, 1.5]."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser["network_def#stain_target"] = None
+    assert parser.get_parsed_content("network_def").stain_settings == {"brightness_percentile": None, "max_std_ratio": 1.5}
+    parser["reinhard_target"] = [[70.0, 20.0, -15.0], [12.0, 8.0, 6.0]]
+    normalise = parser.get_parsed_content("stain_normalisation").transform
+    assert normalise.brightness_percentile is None and normalise.max_std_ratio == 1.5
 
 
 def test_ablation_trains(tmp_path):
