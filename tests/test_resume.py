@@ -32,7 +32,7 @@ from tests.conftest import REPO, make_prepared_dataset
 
 CONFIG = REPO / "bundle" / "configs" / "train.json"
 TINY = ["--iterations_per_epoch", "2", "--batch_size", "6", "--val_crops_per_image", "1", "--width", "4",
-        "--crop_size", "48", "--amp_dtype", "None", "--channels_last", "false"]
+        "--crop_size", "48", "--amp_dtype", "$None", "--channels_last", "false"]
 # G: a ResNet with one basic block per stage and 8..64 channels (MONAI's ResNet, as the bundle's resnet34)
 SMALL_G = {
     "classifier_def": {
