@@ -38,12 +38,6 @@ def _name(setting) -> str:
     return f"brightness {percentile}, cap {ratio}"
 
 
-def foreground_dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean ``(H, W)`` masks (1.0 when both are empty)."""
-    total = mask.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (mask & truth).sum() / total)
-
-
 def compare(dataset_dir: str, split: str = "val", target_split: str = "train", settings=DEFAULT_SETTINGS) -> dict:
     """Print the table; return ``{setting name: mean Dice}``."""
     from scipy import ndimage
@@ -51,6 +45,7 @@ def compare(dataset_dir: str, split: str = "val", target_split: str = "train", s
 
     from custom.networks import HematoxylinDensity
     from custom.data import IMAGENET_MEAN, IMAGENET_STD, list_ids, load_label, load_rgb, reinhard_target
+    from custom.metrics import dice_foreground
     from custom.transforms import ReinhardNormalize
 
     root = Path(dataset_dir)
@@ -73,7 +68,7 @@ def compare(dataset_dir: str, split: str = "val", target_split: str = "train", s
     print("|---" * (len(names) + 1) + "|")
     for image_id in ids:
         rgb = np.moveaxis(load_rgb(root / "images" / f"{image_id}.png"), -1, 0).astype(np.float32) / 255.0
-        truth = load_label(root / "labels" / f"{image_id}.png") > 0
+        truth = load_label(root / "labels" / f"{image_id}.png")
         row = []
         for name, normalise in zip(names, normalisers):
             image = rgb if normalise is None else np.asarray(normalise(rgb), dtype=np.float32)
@@ -82,7 +77,7 @@ def compare(dataset_dir: str, split: str = "val", target_split: str = "train", s
                 h = hematoxylin(x)[0, 0].numpy()
             h = ndimage.gaussian_filter(np.clip(h, *np.percentile(h, [0.5, 99.5])), 1.0)
             mask = h > threshold_otsu(h) if np.ptp(h) > 0 else np.zeros(h.shape, bool)
-            scores[name].append(foreground_dice(mask, truth))
+            scores[name].append(dice_foreground(truth, mask.astype(np.uint8)))
             row.append(f"{scores[name][-1]:.3f}")
         print(f"| {image_id} | " + " | ".join(row) + " |", flush=True)
     means = {name: float(np.mean(v)) for name, v in scores.items()}
