@@ -85,6 +85,11 @@ class TiledAttentionInferer(Inferer):
         tta: average over the 7 dihedral transforms (the authors' default).
         amp_dtype: autocast dtype ("bfloat16", "float16") or None for float32.
         channels_last: feed windows in channels-last memory format.
+        sharpness: slope of the percentile sigmoid at inference, ``A = sigmoid(sharpness (a - tau))``;
+            None: the network's own ``r`` (training's, 20 here, which saturates all but a thin rim
+            of each nucleus to 0 or 1). A slope of about 1 gives a soft map whose histogram keeps
+            the logits' spread, which a per-image threshold (``threshold="otsu"`` in
+            :func:`custom.postprocess.attention_to_instances`) needs.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class TiledAttentionInferer(Inferer):
         tta: bool = True,
         amp_dtype: str | None = None,
         channels_last: bool = False,
+        sharpness: float | None = None,
     ):
         super().__init__()
         roi = (roi_size, roi_size) if isinstance(roi_size, (int, np.integer)) else tuple(roi_size)
@@ -104,6 +110,10 @@ class TiledAttentionInferer(Inferer):
         if margin is not None and (not isinstance(margin, (int, np.integer)) or isinstance(margin, bool) or margin < 0):
             raise ValueError(f"margin must be an integer >= 0 (pixels) or None, got {margin!r}.")
         autocast_context("cpu", amp_dtype)  # validates the dtype name
+        if sharpness is not None and (isinstance(sharpness, bool) or not isinstance(sharpness, (int, float, np.number))
+                                      or not math.isfinite(sharpness) or sharpness <= 0):
+            raise ValueError(f"sharpness (sigmoid slope at inference) must be a finite number > 0 or None, got {sharpness!r}.")
+        self.sharpness = None if sharpness is None else float(sharpness)
         self.roi_size = (int(roi[0]), int(roi[1]))
         self.margin = None if margin is None else int(margin)
         self.tta, self.amp_dtype, self.channels_last = flag(tta, "tta"), amp_dtype, flag(channels_last, "channels_last")
@@ -155,7 +165,7 @@ class TiledAttentionInferer(Inferer):
         with eval_mode(net):
             total = None
             for t in transforms:
-                attention = net.activation(self.tiled_logits(net, dihedral(x, t), margin))
+                attention = net.activation(self.tiled_logits(net, dihedral(x, t), margin), r=self.sharpness)
                 attention = dihedral_inverse(attention, t)
                 total = attention.clone() if total is None else total.add_(attention)
             out = (total / len(transforms)).contiguous()

@@ -7,6 +7,7 @@ logits and maps ``(B, 1, H, W)``; scale logits ``(B, num_magnifications)``.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,18 +92,24 @@ class PercentileSigmoid(nn.Module):
         flat = logits.detach().float().flatten(1)
         return torch.quantile(flat, 1.0 - self.eta / 100.0, dim=1).mean()
 
-    def forward(self, logits: torch.Tensor, use_running_tau: bool = False) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, use_running_tau: bool = False, r: float | None = None) -> torch.Tensor:
         """Map logits ``(B, 1, H, W)`` to attention in [0, 1], same shape, float32.
 
         Args:
             logits: the attention network's output ``a``.
             use_running_tau: in training, use the running tau instead of the batch's own
                 (the equivariance target branch does this); evaluation always uses it.
+            r: slope used instead of ``self.r`` (> 0); for a plain sigmoid (``sparse=False``),
+                ``sigmoid(r a)``. Inference uses a small slope for a soft map that keeps the
+                logits' ordering where the training slope saturates; ``A > 0.5`` is the same
+                set of pixels (``a > tau``) for every slope.
         """
+        if r is not None and not (isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0):
+            raise ValueError(f"r (sigmoid slope) must be a finite number > 0 or None, got {r!r}.")
         logits = logits.float()
         if not self.sparse:
             self.last_tau = None
-            return torch.sigmoid(logits)
+            return torch.sigmoid(logits if r is None else float(r) * logits)
         if self.training and not use_running_tau:
             tau = self.batch_tau(logits)
             with torch.no_grad():
@@ -114,7 +121,7 @@ class PercentileSigmoid(nn.Module):
         else:
             tau = self.running_tau
         self.last_tau = tau.detach()
-        return torch.sigmoid(self.r * (logits - tau))
+        return torch.sigmoid((self.r if r is None else float(r)) * (logits - tau))
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, r={self.r}, momentum={self.momentum}, sparse={self.sparse}"

@@ -2,7 +2,8 @@
 
 The authors' pipeline (their ``post.py``), in order:
 
-1. ``seg = A > threshold`` (0.5);
+1. ``seg = A > threshold`` (0.5; here optionally ``"otsu"``, a threshold per image,
+   see :func:`otsu_threshold`);
 2. binary opening disk(2), closing disk(2), opening disk(1), closing disk(1);
 3. Euclidean distance transform of ``seg``, Gaussian blur (sigma 1);
 4. markers: local maxima of the blurred distance with a disk(7) footprint inside
@@ -34,6 +35,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
@@ -46,7 +48,12 @@ __all__ = [
     "attention_to_instances",
     "keep_centred",
     "mask_to_instances",
+    "otsu_threshold",
 ]
+
+OTSU = "otsu"
+DEFAULT_OTSU_RANGE = (0.4, 0.6)
+OTSU_CLIP_PERCENTILES = (0.5, 99.5)
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -71,9 +78,43 @@ def _check_params(morphology_radii, sigma, footprint_radius, min_size) -> tuple[
     return tuple(int(r) for r in radii)
 
 
-def _check_threshold(threshold) -> None:
-    if not isinstance(threshold, (int, float, np.number)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a number in [0, 1] (attention is in [0, 1]), got {threshold!r}.")
+def _check_threshold(threshold, otsu_range=DEFAULT_OTSU_RANGE) -> tuple[float, float]:
+    if threshold != OTSU and (not isinstance(threshold, (int, float, np.number)) or isinstance(threshold, bool)
+                              or not 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1] (attention is in [0, 1]) or {OTSU!r} (one per image), got {threshold!r}.")
+    try:
+        lo, hi = (float(v) for v in otsu_range)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"otsu_range must be (low, high) with 0 <= low <= high <= 1 (attention units), got {otsu_range!r}.")
+    return lo, hi
+
+
+def otsu_threshold(attention, otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE) -> float:
+    """One image's foreground threshold: Otsu's on its attention histogram, clamped to ``otsu_range``.
+
+    The map is clipped to its 0.5-99.5 percentiles first so that a few extreme pixels
+    do not stretch the histogram. Needs a soft map (the inferer's ``sharpness`` about 1):
+    training's slope saturates nearly every pixel to 0 or 1 and Otsu then lands near 0.5
+    whatever the image. The clamp keeps a tile without nuclei (one mode, no valley) from
+    being split in two: its threshold stays at ``otsu_range[0]`` or above.
+
+    Args:
+        attention: ``(H, W)`` or ``(1, H, W)`` float map in [0, 1], numpy or torch.
+        otsu_range: ``(low, high)`` bounds of the threshold, attention units.
+
+    Returns:
+        the threshold, a float in ``otsu_range``.
+    """
+    lo, hi = _check_threshold(OTSU, otsu_range)
+    arr = _to_2d(attention, "attention").astype(np.float64, copy=False)
+    if np.isnan(arr).any():
+        raise ValueError("attention contains NaN values.")
+    a, b = np.percentile(arr, OTSU_CLIP_PERCENTILES)
+    clipped = np.clip(arr, a, b)
+    t = float(threshold_otsu(clipped)) if b > a else float(a)
+    return float(np.clip(t, lo, hi))
 
 
 def _to_2d(x, name: str) -> np.ndarray:
@@ -165,24 +206,29 @@ def attention_to_instances(
     footprint_radius: int = 7,
     min_size: int = 0,
     fill_unmarked: bool = True,
+    otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
 ) -> np.ndarray:
     """Nucleus instances from an attention map: ``A > threshold``, then :func:`mask_to_instances`.
 
     Args:
         attention: ``(H, W)`` or ``(1, H, W)`` float map in [0, 1], numpy or torch.
-        threshold: foreground is ``attention > threshold``, in [0, 1] (paper: 0.5).
+        threshold: foreground is ``attention > threshold``, in [0, 1] (paper: 0.5), or
+            ``"otsu"``: a threshold per map (:func:`otsu_threshold`, for soft maps).
         morphology_radii, sigma, footprint_radius, min_size, fill_unmarked: see :func:`mask_to_instances`.
+        otsu_range: bounds of the ``"otsu"`` threshold (attention units); unused otherwise.
 
     Returns:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
-    _check_threshold(threshold)
+    _check_threshold(threshold, otsu_range)
     _check_params(morphology_radii, sigma, footprint_radius, min_size)
     arr = _to_2d(attention, "attention")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
     if np.isnan(arr).any():
         raise ValueError("attention contains NaN values.")
+    if threshold == OTSU:
+        threshold = otsu_threshold(arr, otsu_range)
     return mask_to_instances(arr > threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
 
 
@@ -241,10 +287,12 @@ class AttentionToInstances(Transform):
         footprint_radius: int = 7,
         min_size: int = 0,
         fill_unmarked: bool = True,
+        otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
     ):
-        _check_threshold(threshold)
+        lo, hi = _check_threshold(threshold, otsu_range)
         self.kwargs = {
             "threshold": threshold,
+            "otsu_range": (lo, hi),
             "morphology_radii": _check_params(morphology_radii, sigma, footprint_radius, min_size),
             "sigma": sigma,
             "footprint_radius": footprint_radius,
@@ -269,7 +317,7 @@ class AttentionToInstancesd(MapTransform):
             ``key + suffix``, i.e. "pred_instances".
         suffix: appended to each key when ``output_key`` is None.
         allow_missing_keys: skip absent keys.
-        threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked:
+        threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range:
             see :func:`attention_to_instances`.
     """
 
@@ -284,6 +332,7 @@ class AttentionToInstancesd(MapTransform):
         footprint_radius: int = 7,
         min_size: int = 0,
         fill_unmarked: bool = True,
+        otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -292,7 +341,7 @@ class AttentionToInstancesd(MapTransform):
         if output_key is None and not suffix:
             raise ValueError("suffix must be non-empty when output_key is None (it would overwrite the attention).")
         self.output_key, self.suffix = output_key, suffix
-        self.transform = AttentionToInstances(threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
+        self.transform = AttentionToInstances(threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

@@ -2,9 +2,11 @@
 
 The attention maps of the chosen images are computed once with the evaluation
 workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
-then the threshold, marker footprint radius, blur sigma and minimum size are searched
-by coordinate ascent on mean AJI (the authors' definition), starting from the paper's
-values. The result is written
+then the threshold (a number, or ``"otsu"``: one per image), marker footprint radius,
+blur sigma and minimum size are searched by coordinate ascent on mean AJI (the authors'
+definition), starting from the paper's values. ``--sharpness`` sets the slope of the
+sigmoid the maps are computed with (default: the network's own; about 1 gives the soft
+maps a per-image Otsu threshold needs) and is stored with the result. The result is written
 
 - into a config override (``--out_config``) that ``evaluate.json`` layers on, and
 - with ``--write_model``, into the model file itself (``postprocess`` in its state,
@@ -14,6 +16,7 @@ values. The result is written
 Usage::
 
     python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --write_model
+    python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --sharpness 1 --write_model
     python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --method hematoxylin_otsu \
         --out_config bundle/configs/baselines/hematoxylin_otsu_tuned.json
 """
@@ -36,12 +39,12 @@ sys.path.insert(0, str(REPO))
 from custom.config import flag  # noqa: E402
 from custom.handlers import write_atomic  # noqa: E402
 from custom.metrics import instance_metrics  # noqa: E402
-from custom.postprocess import attention_to_instances  # noqa: E402
+from custom.postprocess import DEFAULT_OTSU_RANGE, OTSU, attention_to_instances  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_radius": 7, "min_size": 0}
 GRID = {
-    "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, OTSU],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
     "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
     "min_size": [0, 10, 20, 40, 80, 120, 160],
@@ -89,6 +92,7 @@ def main(
     out_config: str | None = None,
     write_model: bool = False,
     train_split: str = "train",
+    sharpness: float | None = None,
 ):
     """Search the post-processing parameters on ``split`` of ``dataset_dir``.
 
@@ -106,7 +110,13 @@ def main(
             for the model, ``bundle/configs/baselines/<method>_tuned.json`` for a baseline).
         write_model: also store the values (and a missing stain target) in the model file.
         train_split: the split whose images define the stain target if the model lacks one.
+        sharpness: slope of the attention sigmoid for the maps (the inferer's ``sharpness``; None:
+            the network's ``r``); stored with the tuned values, so evaluation and inference use it.
     """
+    if sharpness is not None:
+        if isinstance(sharpness, bool) or not isinstance(sharpness, (int, float)) or not sharpness > 0:
+            raise SystemExit(f"--sharpness {sharpness!r}: the sigmoid slope must be a number > 0 (or omitted: the network's own).")
+        sharpness = float(sharpness)
     if split in FORBIDDEN_SPLITS:
         raise SystemExit(f"split={split!r}: tuning on test labels is not allowed; tune on the validation split.")
     files = [str(CONFIGS / "train.json"), *([str(config)] if config else []), str(CONFIGS / "evaluate.json")]
@@ -121,7 +131,8 @@ def main(
     tta, write_model = flag(tta, "--tta"), flag(write_model, "--write_model")
     parser = ConfigParser()
     parser.read_config(files)
-    parser.update({"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": tta and method == "model"})
+    parser.update({"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": tta and method == "model",
+                   "eval#sharpness": sharpness})
     if checkpoint:
         parser["checkpoint"] = checkpoint
     model_path = Path(parser.get_parsed_content("checkpoint")) if method == "model" else None
@@ -129,7 +140,7 @@ def main(
         _ensure_stain_target(parser, model_path, dataset_dir, train_split)
     maps, network = attention_maps(parser)
 
-    best = dict(PAPER)
+    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE))  # the bounds of a per-image threshold (not searched)
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
         best_score = pool.submit(_score, best).result()
         print(f"paper's parameters: AJI {best_score:.4f}", flush=True)
@@ -153,14 +164,16 @@ def main(
     out = Path(out_config) if out_config else (
         CONFIGS / "postprocess_tuned.json" if method == "model" else CONFIGS / "baselines" / f"{method}_tuned.json")
     override = {f"eval#postprocess_params#{k}": v for k, v in best.items()}
-    if method != "model":
+    if method == "model":
+        override["eval#sharpness"] = sharpness
+    else:
         override["method"] = f"{method}_tuned"
     write_atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(override, indent=4) + "\n"))
     print(f"wrote {out}")
     if write_model and model_path is not None:
         from custom.networks import save_attention_network
 
-        network.postprocess = dict(best, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": tta})
+        network.postprocess = dict(best, sharpness=sharpness, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": tta})
         save_attention_network(network, model_path)
         print(f"stored the tuned parameters in {model_path}")
 

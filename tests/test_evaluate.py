@@ -85,7 +85,8 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "model" and summary["n_images"] == 2
     assert summary["settings"]["weights"] == str(model) and summary["settings"]["tta"] is False
-    assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1]}  # the values stored in the model
+    assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1], "otsu_range": [0.4, 0.6]}  # the values stored in the model
+    assert summary["settings"]["sharpness"] is None  # the network's own slope
     assert len(list((out / "overlays").glob("*.png"))) == 2
 
 
@@ -102,6 +103,41 @@ def test_evaluation_normalises_with_the_models_own_stain_settings(tmp_path, stor
     parser.update({"checkpoint": str(model), "width": 4, "brightness_percentile": 75, "reinhard_max_std_ratio": 3.0})
     normalise = parser.get_parsed_content("eval#stain_normalisation").transform
     assert (normalise.brightness_percentile, normalise.max_std_ratio) == expected
+
+
+def test_stored_sharpness_and_otsu_threshold_reach_evaluation_and_inference(tmp_path):
+    tuned = {"threshold": "otsu", "otsu_range": [0.3, 0.7], "sharpness": 1.0}
+    model = tiny_model(tmp_path / "m.pt", postprocess=tuned)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"checkpoint": str(model), "width": 4})
+    assert parser.get_parsed_content("eval#inferer").sharpness == 1.0
+    post = parser.get_parsed_content("eval#postprocessing").transforms[0].transform.kwargs
+    assert post["threshold"] == "otsu" and post["otsu_range"] == (0.3, 0.7)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"model_path": str(model), "width": 4})
+    assert parser.get_parsed_content("inferer").sharpness == 1.0
+    assert parser.get_parsed_content("postprocess_params")["threshold"] == "otsu"
+    parser["sharpness"] = 4.0  # a user's override wins
+    assert parser.get_parsed_content("inferer").sharpness == 4.0
+
+
+def test_tune_postprocess_stores_sharpness_and_may_pick_otsu(tmp_path, dataset):
+    model = tiny_model(tmp_path / "m.pt")
+    out, config = tmp_path / "tuned.json", tmp_path / "tiny.json"
+    config.write_text(json.dumps({"width": 4, "amp_dtype": None, "channels_last": False, "num_workers": 0}))
+    proc = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "1", "--tta", "False",
+                      "--rounds", "1", "--workers", "1", "--out_config", str(out), "--write_model", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "otsu=" in proc.stdout  # the per-image threshold is one of the candidates
+    override = json.loads(out.read_text())
+    assert override["eval#sharpness"] == 1.0 and override["eval#postprocess_params#otsu_range"] == [0.4, 0.6]
+    from custom.networks import load_attention_weights
+    stored = load_attention_weights(AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0), str(model)).postprocess
+    assert stored["sharpness"] == 1.0 and stored["threshold"] == override["eval#postprocess_params#threshold"]
+    bad = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "0", "--out_config", str(out))
+    assert bad.returncode != 0 and "--sharpness 0" in bad.stdout + bad.stderr
 
 
 def test_model_without_stain_target_is_refused(tmp_path, dataset):

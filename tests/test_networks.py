@@ -55,6 +55,20 @@ def test_plain_sigmoid_without_sparsity():
     assert act.last_tau is None and act.num_batches_tracked.item() == 0
 
 
+def test_slope_override_keeps_the_half_level_set():
+    act = PercentileSigmoid(eta=20.0, r=20.0)
+    act.running_tau.fill_(0.3)
+    act.eval()
+    a = torch.randn(1, 1, 16, 16)
+    soft = act(a, r=1.0)
+    assert torch.allclose(soft, torch.sigmoid(a - 0.3))
+    assert torch.equal(soft > 0.5, act(a) > 0.5)  # a > tau either way
+    assert torch.allclose(PercentileSigmoid(sparse=False)(a, r=2.0), torch.sigmoid(2.0 * a))
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="r \\(sigmoid slope\\)"):
+            act(a, r=bad)
+
+
 @pytest.mark.parametrize("kwargs", [{"eta": 0}, {"eta": 100}, {"r": 0}, {"momentum": 0}])
 def test_percentile_sigmoid_rejects_out_of_range(kwargs):
     with pytest.raises(ValueError):

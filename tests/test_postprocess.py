@@ -16,6 +16,7 @@ from custom.postprocess import (
     attention_to_instances,
     keep_centred,
     mask_to_instances,
+    otsu_threshold,
 )
 
 
@@ -114,6 +115,10 @@ def test_mask_to_instances_matches_attention_path():
         ({"sigma": -1.0}, "sigma"),
         ({"footprint_radius": 0}, "footprint_radius"),
         ({"min_size": -3}, "min_size"),
+        ({"threshold": "mean"}, "threshold"),
+        ({"threshold": "otsu", "otsu_range": (0.7, 0.3)}, "otsu_range"),
+        ({"threshold": "otsu", "otsu_range": (0.2, 1.5)}, "otsu_range"),
+        ({"threshold": "otsu", "otsu_range": 0.5}, "otsu_range"),
     ],
 )
 def test_invalid_parameters(kwargs, match):
@@ -121,6 +126,43 @@ def test_invalid_parameters(kwargs, match):
         attention_to_instances(np.zeros((8, 8), np.float32), **kwargs)
     with pytest.raises(ValueError, match=match):
         AttentionToInstances(**kwargs)
+
+
+def _soft_discs(background: float, nucleus: float, seed: int = 0) -> np.ndarray:
+    """Two discs at ``nucleus`` on a ``background`` level, with a little noise (a soft map)."""
+    rng = np.random.default_rng(seed)
+    base = background + (nucleus - background) * _discs()
+    return np.clip(base + rng.normal(0, 0.02, base.shape), 0, 1).astype(np.float32)
+
+
+def test_otsu_threshold_adapts_to_each_map():
+    # the same two nuclei on a dim and on a bright map: 0.5 misses them in one and floods the other
+    dim, bright = _soft_discs(0.2, 0.45), _soft_discs(0.55, 0.8)
+    assert attention_to_instances(dim, threshold=0.5).max() == 0
+    assert attention_to_instances(bright, threshold=0.5).max() == 1  # everything is one blob
+    t_dim, t_bright = otsu_threshold(dim, (0.0, 1.0)), otsu_threshold(bright, (0.0, 1.0))
+    assert 0.2 < t_dim < 0.45 and 0.55 < t_bright < 0.8
+    for m in (dim, bright):
+        labels = attention_to_instances(m, threshold="otsu", otsu_range=(0.0, 1.0))
+        assert labels.max() == 2
+        _assert_consecutive(labels)
+
+
+def test_otsu_range_keeps_a_map_without_nuclei_empty():
+    rng = np.random.default_rng(1)
+    stroma = np.clip(rng.normal(0.25, 0.05, (64, 64)), 0, 1).astype(np.float32)  # one mode, no nuclei
+    assert attention_to_instances(stroma, threshold="otsu", otsu_range=(0.0, 1.0), min_size=10).max() > 0  # split in two
+    assert otsu_threshold(stroma) == 0.4  # the default range's lower bound
+    assert attention_to_instances(stroma, threshold="otsu", min_size=10).max() == 0
+    assert otsu_threshold(np.full((8, 8), 0.9, np.float32)) == 0.6  # a constant map: the bound, no crash
+    assert otsu_threshold(torch.as_tensor(_soft_discs(0.2, 0.45))[None], (0.0, 1.0)) == pytest.approx(
+        otsu_threshold(_soft_discs(0.2, 0.45), (0.0, 1.0)))
+
+
+def test_otsu_through_the_transforms():
+    m = _soft_discs(0.55, 0.8)
+    out = AttentionToInstancesd(keys="pred", threshold="otsu", otsu_range=(0.0, 1.0))({"pred": torch.as_tensor(m)[None]})
+    assert out["pred_instances"].shape == (1, *m.shape) and int(out["pred_instances"].max()) == 2
 
 
 def test_invalid_inputs():
