@@ -2,9 +2,10 @@
 
 The attention maps of the chosen images are computed once with the evaluation
 workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
-then the threshold (a number, or ``"otsu"``: one per image), marker footprint radius,
-blur sigma and minimum size are searched by coordinate ascent on mean AJI (the authors'
-definition), starting from the paper's values. ``--sharpness`` sets the slope of the
+then the threshold (a number, or ``"otsu"``: one per image), the blur of the attention
+before it, the marker footprint radius, the blur of the distance map and the minimum
+size are searched by coordinate ascent on mean AJI (the authors' definition), starting
+from the paper's values. ``--sharpness`` sets the slope of the
 sigmoid the maps are computed with (default: the network's own; about 1 gives the soft
 maps a per-image Otsu threshold needs) and is stored with the result. The result is written
 
@@ -45,6 +46,7 @@ CONFIGS = REPO / "bundle" / "configs"
 PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_radius": 7, "min_size": 0}
 GRID = {
     "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, OTSU],
+    "attention_sigma": [0.0, 0.5, 1.0, 1.5, 2.0],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
     "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
     "min_size": [0, 10, 20, 40, 80, 120, 160],
@@ -140,7 +142,7 @@ def main(
         _ensure_stain_target(parser, model_path, dataset_dir, train_split)
     maps, network = attention_maps(parser)
 
-    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE))  # the bounds of a per-image threshold (not searched)
+    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0)  # otsu_range: not searched
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
         best_score = pool.submit(_score, best).result()
         print(f"paper's parameters: AJI {best_score:.4f}", flush=True)
@@ -148,8 +150,8 @@ def main(
         for r in range(rounds):
             changed = False
             for name, values in GRID.items():
-                if method != "model" and name == "threshold":
-                    continue  # a baseline's map is binary
+                if method != "model" and name in ("threshold", "attention_sigma"):
+                    continue  # a baseline's map is binary (its own pipeline blurs and thresholds)
                 trials = [dict(best, **{name: v}) for v in values]
                 scores = list(pool.map(_score, trials))
                 k = int(np.argmax(scores))

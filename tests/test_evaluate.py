@@ -85,7 +85,8 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "model" and summary["n_images"] == 2
     assert summary["settings"]["weights"] == str(model) and summary["settings"]["tta"] is False
-    assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1], "otsu_range": [0.4, 0.6]}  # the values stored in the model
+    assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1], "otsu_range": [0.4, 0.6],
+                                                  "attention_sigma": 0.0}  # the values stored in the model (defaults for the rest)
     assert summary["settings"]["sharpness"] is None  # the network's own slope
     assert len(list((out / "overlays").glob("*.png"))) == 2
 

@@ -119,6 +119,8 @@ def test_mask_to_instances_matches_attention_path():
         ({"threshold": "otsu", "otsu_range": (0.7, 0.3)}, "otsu_range"),
         ({"threshold": "otsu", "otsu_range": (0.2, 1.5)}, "otsu_range"),
         ({"threshold": "otsu", "otsu_range": 0.5}, "otsu_range"),
+        ({"attention_sigma": -1.0}, "attention_sigma"),
+        ({"attention_sigma": float("nan")}, "attention_sigma"),
     ],
 )
 def test_invalid_parameters(kwargs, match):
@@ -157,6 +159,16 @@ def test_otsu_range_keeps_a_map_without_nuclei_empty():
     assert otsu_threshold(np.full((8, 8), 0.9, np.float32)) == 0.6  # a constant map: the bound, no crash
     assert otsu_threshold(torch.as_tensor(_soft_discs(0.2, 0.45))[None], (0.0, 1.0)) == pytest.approx(
         otsu_threshold(_soft_discs(0.2, 0.45), (0.0, 1.0)))
+
+
+def test_attention_blur_before_the_threshold():
+    rng = np.random.default_rng(2)
+    noisy = np.clip(_discs() * 0.6 + 0.2 + rng.normal(0, 0.25, _discs().shape), 0, 1).astype(np.float32)
+    speckled = attention_to_instances(noisy, threshold=0.5, morphology_radii=(), min_size=0)
+    blurred = attention_to_instances(noisy, threshold=0.5, morphology_radii=(), min_size=0, attention_sigma=2.0)
+    assert speckled.max() > 10  # noise above 0.5 everywhere makes specks
+    assert blurred.max() == 2  # the two discs, nothing else
+    assert np.array_equal(attention_to_instances(noisy, attention_sigma=0.0), attention_to_instances(noisy))
 
 
 def test_otsu_through_the_transforms():
