@@ -3,7 +3,9 @@
 # validation split with the bundle's own evaluator, then print the comparison tables.
 #   scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]
 # RUNS_DIR holds one folder per trained variant with its model.pt (default bundle/runs);
-# each variant's post-processing is tuned on the validation split first (stored in its model.pt).
+# each variant's post-processing is tuned on the validation split first (stored in its model.pt),
+# on attention maps computed with the sigmoid slope $SHARPNESS (default 1, as for the shipped
+# model; SHARPNESS= empty: each network's own slope).
 # A folder <variant>_s<seed> is a seed replica of <variant> ("train" = the shipped recipe):
 # it is evaluated into bundle/eval/replicas/<variant>_s<seed>/ and summarised by
 # `results_table.py --seeds`. With NAMEs, only those folders are evaluated (no model, no baselines).
@@ -13,6 +15,7 @@ RUNS=${2:-bundle/runs}
 shift $(( $# < 2 ? $# : 2 )); NAMES=("$@")
 C=bundle/configs
 PY=${PYTHON:-python}
+SHARPNESS=${SHARPNESS-1}; slope=(); [ -n "$SHARPNESS" ] && slope=(--sharpness "$SHARPNESS")
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 evaluate() {  # evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...
   local method=$1; shift; local files="'$C/train.json','$C/evaluate.json'"
@@ -38,7 +41,7 @@ for n in "${NAMES[@]}"; do
   variant=$n; out=(); if [[ $n =~ ^(.+)_s[0-9]+$ ]]; then variant=${BASH_REMATCH[1]}; out=(--eval_dir "bundle/eval/replicas/$n"); fi
   ablation=$C/ablations/$variant.json; extra=(); [ -f "$ablation" ] && extra=("$ablation")
   $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --checkpoint "$d/model.pt" --write_model \
-      --out_config "$d/postprocess_tuned.json" ${extra[@]:+--config "${extra[0]}"}
+      --out_config "$d/postprocess_tuned.json" ${extra[@]:+--config "${extra[0]}"} "${slope[@]}"
   evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt" "${out[@]}"
 done
 $PY scripts/results_table.py

@@ -25,12 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
-
-
 def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: str = "data/monuseg", split: str = "val", n: int = 3,
               out: str = "bundle/docs/images/attention_val.png", config: str | None = None, tta: bool = True, ids=None,
               crop: int = 400) -> None:
@@ -50,7 +44,7 @@ def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: st
     from skimage.segmentation import find_boundaries
 
     from custom.config import flag
-    from custom.metrics import instance_metrics
+    from custom.metrics import dice_foreground, instance_metrics
 
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundle/configs/train.json"), *([config] if config else []), str(REPO / "bundle/configs/evaluate.json")])
@@ -68,7 +62,7 @@ def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: st
         a = a[0].float().numpy()
         label = np.asarray(item["label"])[0]
         fg = label > 0
-        d, d_inv = _dice(a > 0.5, fg), _dice(a <= 0.5, fg)
+        d, d_inv = (dice_foreground(fg.astype(np.int32), mask.astype(np.int32)) for mask in (a > 0.5, a <= 0.5))
         m = instance_metrics(label.astype(np.int64), inst.astype(np.int64))
         dices.append((d, d_inv))
         print(f"{dataset.ids[i]}: attended {100 * (a > 0.5).mean():.1f} % of pixels, nuclei {100 * fg.mean():.1f} %, "

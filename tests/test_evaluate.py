@@ -308,7 +308,10 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     assert "--eval_dir bundle/eval/replicas/minus_smooth_s2" in evaluated["minus_smooth_s2"]
     assert "ablations" not in evaluated["train_s1"] and "--eval_dir bundle/eval/replicas/train_s1" in evaluated["train_s1"]
     tuned = [line for line in proc.stdout.splitlines() if "tune_postprocess.py" in line and "--checkpoint" in line]
-    assert len(tuned) == 3 and all("--write_model" in line for line in tuned)
+    assert len(tuned) == 3 and all("--write_model" in line and line.endswith("--sharpness 1") for line in tuned)
+    own_slope = subprocess.run(["bash", "scripts/evaluate_all.sh", "DATA", str(runs), "minus_smooth"], check=False, cwd=REPO,
+                               env={**ENV, "PYTHON": "echo", "SHARPNESS": ""}, capture_output=True, text=True, timeout=60)
+    assert own_slope.returncode == 0 and "tune_postprocess.py" in own_slope.stdout and "--sharpness" not in own_slope.stdout
 
     only = _evaluate_all(runs, "train_s1")
     assert only.returncode == 0, only.stderr
