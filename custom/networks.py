@@ -167,6 +167,10 @@ class HematoxylinDensity(nn.Module):
         return (-torch.log(rgb) * self.weights).sum(1, keepdim=True)
 
 
+LEGACY_STAIN_PRIOR_GAIN = 2.0
+"""The prior gain of every model exported before bundle 0.6.0, which stored none (the default then)."""
+
+
 class AttentionNet(nn.Module):
     """The attention network F: a full-resolution dilated residual FCN.
 
@@ -195,8 +199,11 @@ class AttentionNet(nn.Module):
             :class:`custom.transforms.ReinhardNormalize`), kept likewise.
 
     Besides weights and BatchNorm statistics, the state dict carries (as ``_extra_state``)
-    ``stain_target``, ``stain_settings`` and ``postprocess``: the post-processing parameters
-    tuned on the validation images (``scripts/tune_postprocess.py``), empty until tuned.
+    ``stain_target``, ``stain_settings``, ``postprocess`` (the post-processing parameters
+    tuned on the validation images by ``scripts/tune_postprocess.py``, empty until tuned),
+    and ``stain_prior`` / ``stain_prior_gain``: loading adopts the stored gain (the weights
+    only make sense with it; :data:`LEGACY_STAIN_PRIOR_GAIN` for files that store none) and
+    :func:`load_attention_weights` refuses another prior.
     """
 
     def __init__(
@@ -238,12 +245,15 @@ class AttentionNet(nn.Module):
         self.postprocess: dict = {}
 
     def get_extra_state(self) -> dict:
-        return {"stain_target": self.stain_target, "stain_settings": self.stain_settings, "postprocess": dict(self.postprocess)}
+        return {"stain_target": self.stain_target, "stain_settings": self.stain_settings, "postprocess": dict(self.postprocess),
+                "stain_prior": self.stain_prior, "stain_prior_gain": self.stain_prior_gain}
 
     def set_extra_state(self, state: dict) -> None:
         self.stain_target = state.get("stain_target")
         self.stain_settings = state.get("stain_settings")
         self.postprocess = dict(state.get("postprocess") or {})
+        # the gain the weights were trained with; files exported before bundle 0.6.0 store none and all used 2.0
+        self.stain_prior_gain = float(state.get("stain_prior_gain", LEGACY_STAIN_PRIOR_GAIN))
 
     @property
     def receptive_radius(self) -> int:
@@ -403,6 +413,10 @@ def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
         raise FloatingPointError(f"model weights {path}: NaN or infinite values in {bad[:3]}; use an earlier checkpoint.")
     if "_extra_state" not in state:  # saved before stain target / post-processing were stored: keep the net's own
         state = {**state, "_extra_state": net.get_extra_state()}
+    stored_prior = (state["_extra_state"] or {}).get("stain_prior")
+    if stored_prior is not None and stored_prior != net.stain_prior:  # "logit" and "none" have the same weights: check by name
+        raise ValueError(f"{path}: was trained with stain_prior={stored_prior!r}, the network is built with "
+                         f"stain_prior={net.stain_prior!r}. Set --stain_prior {stored_prior}.")
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

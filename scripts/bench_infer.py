@@ -69,18 +69,20 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
         raise SystemExit("--device cuda: no CUDA device is available here.")
     net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval().to(device)
     pp = dict(getattr(net, "postprocess", {}) or {})
-    pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size") if k in pp}
+    sharpness = pp.get("sharpness")
+    pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size", "otsu_range", "attention_sigma")
+          if k in pp}
     x = _image(size).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mp = size * size / 1e6
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"model {model}: width {net.width}, {where}, image {size}x{size} ({mp:.2f} MP), "
-          f"roi {roi}, post-processing {pp or 'paper defaults'}")
+          f"roi {roi}, sigmoid slope {sharpness or 'the network r'}, post-processing {pp or 'paper defaults'}")
     print("| precision | TTA | network s/image | network MP/s | + post-processing s/image | + post-processing MP/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for amp, cl, name in ((None, False, "fp32"), ("bfloat16", True, "bf16 + channels_last")):
         for tta in (False, True):
-            inferer = TiledAttentionInferer(roi_size=roi, tta=tta, amp_dtype=amp, channels_last=cl)
+            inferer = TiledAttentionInferer(roi_size=roi, tta=tta, amp_dtype=amp, channels_last=cl, sharpness=sharpness)
             inferer(x, net)  # warm-up
             sync()
             t_net, t_all = [], []

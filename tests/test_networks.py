@@ -269,6 +269,24 @@ def test_extra_state_survives_save_and_load(tmp_path):
     assert h.stain_target == STAIN_TARGET and h.postprocess == f.postprocess and h.stain_settings == settings
 
 
+def test_stored_prior_gain_wins_and_another_prior_is_refused(tmp_path):
+    from custom.networks import LEGACY_STAIN_PRIOR_GAIN, load_attention_weights, save_attention_network
+
+    f = AttentionNet(stain_prior="logit", stain_prior_gain=4.0, stain_target=STAIN_TARGET, **SMALL).eval()
+    path = save_attention_network(f, tmp_path / "m.pt")
+    g = load_attention_weights(AttentionNet(stain_prior="logit", stain_prior_gain=2.0, **SMALL), str(path)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert g.stain_prior_gain == 4.0 and torch.equal(g.logits(x), f.logits(x))
+    with pytest.raises(ValueError, match="stain_prior='logit'") as info:  # same weights, another prior: by name
+        load_attention_weights(AttentionNet(stain_prior="none", **SMALL), str(path))
+    assert str(path) in str(info.value)
+    state = torch.load(path, weights_only=False)
+    del state["_extra_state"]["stain_prior_gain"], state["_extra_state"]["stain_prior"]  # exported before 0.6.0
+    torch.save(state, tmp_path / "old.pt")
+    old = load_attention_weights(AttentionNet(stain_prior="logit", stain_prior_gain=4.0, **SMALL), str(tmp_path / "old.pt"))
+    assert old.stain_prior_gain == LEGACY_STAIN_PRIOR_GAIN == 2.0
+
+
 def test_state_without_extra_state_still_loads(tmp_path):
     from custom.networks import load_attention_weights
 
