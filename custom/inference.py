@@ -28,7 +28,7 @@ from monai.utils import convert_to_dst_type
 from torch import nn
 
 from custom.config import flag
-from custom.networks import ScaleAttentionModel, autocast_context
+from custom.networks import ScaleAttentionModel, autocast_context, check_sigmoid_slope
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
 __all__ = ["TiledAttentionInferer", "predict_attention", "receptive_field_radius"]
@@ -110,10 +110,7 @@ class TiledAttentionInferer(Inferer):
         if margin is not None and (not isinstance(margin, (int, np.integer)) or isinstance(margin, bool) or margin < 0):
             raise ValueError(f"margin must be an integer >= 0 (pixels) or None, got {margin!r}.")
         autocast_context("cpu", amp_dtype)  # validates the dtype name
-        if sharpness is not None and (isinstance(sharpness, bool) or not isinstance(sharpness, (int, float, np.number))
-                                      or not math.isfinite(sharpness) or sharpness <= 0):
-            raise ValueError(f"sharpness (sigmoid slope at inference) must be a finite number > 0 or None, got {sharpness!r}.")
-        self.sharpness = None if sharpness is None else float(sharpness)
+        self.sharpness = check_sigmoid_slope(sharpness, "sharpness")
         self.roi_size = (int(roi[0]), int(roi[1]))
         self.margin = None if margin is None else int(margin)
         self.tta, self.amp_dtype, self.channels_last = flag(tta, "tta"), amp_dtype, flag(channels_last, "channels_last")

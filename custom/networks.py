@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.networks.nets import resnet34
 from torch import nn
@@ -38,6 +39,19 @@ __all__ = [
 
 PAPER_DILATIONS = (1, 2, 3, 5, 10, 20)
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def check_sigmoid_slope(value, name: str = "r") -> float | None:
+    """``value`` as a float if it is a usable sigmoid slope (a finite number > 0), None for None.
+
+    Raises:
+        ValueError: naming ``name`` (the argument or config key) and the value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} (sigmoid slope) must be a finite number > 0 or None, got {value!r}.")
+    return float(value)
 
 
 def autocast_context(device: torch.device | str, amp_dtype: str | None):
@@ -104,12 +118,11 @@ class PercentileSigmoid(nn.Module):
                 logits' ordering where the training slope saturates; ``A > 0.5`` is the same
                 set of pixels (``a > tau``) for every slope.
         """
-        if r is not None and not (isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0):
-            raise ValueError(f"r (sigmoid slope) must be a finite number > 0 or None, got {r!r}.")
+        r = check_sigmoid_slope(r, "r")
         logits = logits.float()
         if not self.sparse:
             self.last_tau = None
-            return torch.sigmoid(logits if r is None else float(r) * logits)
+            return torch.sigmoid(logits if r is None else r * logits)
         if self.training and not use_running_tau:
             tau = self.batch_tau(logits)
             with torch.no_grad():
@@ -121,7 +134,7 @@ class PercentileSigmoid(nn.Module):
         else:
             tau = self.running_tau
         self.last_tau = tau.detach()
-        return torch.sigmoid((self.r if r is None else float(r)) * (logits - tau))
+        return torch.sigmoid((self.r if r is None else r) * (logits - tau))
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, r={self.r}, momentum={self.momentum}, sparse={self.sparse}"

@@ -116,12 +116,17 @@ def otsu_threshold(attention, otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE) 
         the threshold, a float in ``otsu_range``.
     """
     lo, hi = _check_threshold(OTSU, otsu_range)
-    arr = _to_2d(attention, "attention").astype(np.float64, copy=False)
+    arr = _to_2d(attention, "attention")
     if np.isnan(arr).any():
         raise ValueError("attention contains NaN values.")
+    return _otsu_level(arr, lo, hi)
+
+
+def _otsu_level(arr: np.ndarray, lo: float, hi: float) -> float:
+    """:func:`otsu_threshold` of a checked ``(H, W)`` map with validated bounds."""
+    arr = arr.astype(np.float64, copy=False)
     a, b = np.percentile(arr, OTSU_CLIP_PERCENTILES)
-    clipped = np.clip(arr, a, b)
-    t = float(threshold_otsu(clipped)) if b > a else float(a)
+    t = float(threshold_otsu(np.clip(arr, a, b))) if b > a else float(a)
     return float(np.clip(t, lo, hi))
 
 
@@ -231,7 +236,7 @@ def attention_to_instances(
     Returns:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
-    _check_threshold(threshold, otsu_range)
+    lo, hi = _check_threshold(threshold, otsu_range)
     _check_params(morphology_radii, sigma, footprint_radius, min_size)
     attention_sigma = _check_attention_sigma(attention_sigma)
     arr = _to_2d(attention, "attention")
@@ -242,7 +247,7 @@ def attention_to_instances(
     if attention_sigma > 0:
         arr = ndimage.gaussian_filter(arr.astype(np.float32, copy=False), attention_sigma)  # "nearest" edges: no dark rim
     if threshold == OTSU:
-        threshold = otsu_threshold(arr, otsu_range)
+        threshold = _otsu_level(arr, lo, hi)
     return mask_to_instances(arr > threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from custom.config import flag  # noqa: E402
 from custom.handlers import write_atomic  # noqa: E402
 from custom.metrics import instance_metrics  # noqa: E402
+from custom.networks import check_sigmoid_slope  # noqa: E402
 from custom.postprocess import DEFAULT_OTSU_RANGE, OTSU, attention_to_instances  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
@@ -115,10 +116,11 @@ def main(
         sharpness: slope of the attention sigmoid for the maps (the inferer's ``sharpness``; None:
             the network's ``r``); stored with the tuned values, so evaluation and inference use it.
     """
-    if sharpness is not None:
-        if isinstance(sharpness, bool) or not isinstance(sharpness, (int, float)) or not sharpness > 0:
-            raise SystemExit(f"--sharpness {sharpness!r}: the sigmoid slope must be a number > 0 (or omitted: the network's own).")
-        sharpness = float(sharpness)
+    try:
+        slope = check_sigmoid_slope(sharpness, "sharpness")
+    except ValueError as e:
+        raise SystemExit(f"--sharpness {sharpness!r}: {e} Omit it for the network's own slope.") from None
+    sharpness = slope
     if split in FORBIDDEN_SPLITS:
         raise SystemExit(f"split={split!r}: tuning on test labels is not allowed; tune on the validation split.")
     files = [str(CONFIGS / "train.json"), *([str(config)] if config else []), str(CONFIGS / "evaluate.json")]
