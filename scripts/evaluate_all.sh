@@ -7,8 +7,11 @@
 # on attention maps computed with the sigmoid slope $SHARPNESS (default 1, as for the shipped
 # model; SHARPNESS= empty: each network's own slope).
 # A folder <variant>_s<seed> is a seed replica of <variant> ("train" = the shipped recipe):
-# it is evaluated into bundle/eval/replicas/<variant>_s<seed>/ and summarised by
-# `results_table.py --seeds`. With NAMEs, only those folders are evaluated (no model, no baselines).
+# it is evaluated into $EVAL_ROOT/replicas/<variant>_s<seed>/ and summarised by
+# `results_table.py --seeds`; every other evaluation goes to $EVAL_ROOT/<name>/ (default
+# EVAL_ROOT=bundle/eval; e.g. EVAL_ROOT=bundle/eval/plain_reinhard_recipe for that archived recipe's
+# models in bundle/models/ablations/plain_reinhard_recipe). With NAMEs, only those folders are
+# evaluated (no model, no baselines).
 set -euo pipefail
 DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]}
 RUNS=${2:-bundle/runs}
@@ -16,11 +19,13 @@ shift $(( $# < 2 ? $# : 2 )); NAMES=("$@")
 C=bundle/configs
 PY=${PYTHON:-python}
 SHARPNESS=${SHARPNESS-1}; slope=(); [ -n "$SHARPNESS" ] && slope=(--sharpness "$SHARPNESS")
+EVAL_ROOT=${EVAL_ROOT:-bundle/eval}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
-evaluate() {  # evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...
+evaluate() {  # [into=EVAL_DIR] evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...  (default EVAL_DIR: $EVAL_ROOT/METHOD)
   local method=$1; shift; local files="'$C/train.json','$C/evaluate.json'"
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do files="$files,'$1'"; shift; done; [ $# -gt 0 ] && shift
-  $PY -m monai.bundle run evaluating --config_file "[$files]" --dataset_dir "$DATA" --download false --method "$method" "$@"
+  $PY -m monai.bundle run evaluating --config_file "[$files]" --dataset_dir "$DATA" --download false --method "$method" \
+      --eval_dir "${into:-$EVAL_ROOT/$method}" "$@"
 }
 if [ ${#NAMES[@]} -eq 0 ]; then
   # the shipped model, with its tuned post-processing and with the paper's
@@ -38,11 +43,11 @@ fi
 for n in "${NAMES[@]}"; do
   d=$RUNS/$n; [ -f "$d/model.pt" ] || { [ $# -gt 0 ] && { echo "$d/model.pt: not found" >&2; exit 1; }; continue; }
   [ "$n" = train ] && continue
-  variant=$n; out=(); if [[ $n =~ ^(.+)_s[0-9]+$ ]]; then variant=${BASH_REMATCH[1]}; out=(--eval_dir "bundle/eval/replicas/$n"); fi
+  variant=$n; dir=$EVAL_ROOT/$n; if [[ $n =~ ^(.+)_s[0-9]+$ ]]; then variant=${BASH_REMATCH[1]}; dir=$EVAL_ROOT/replicas/$n; fi
   ablation=$C/ablations/$variant.json; extra=(); [ -f "$ablation" ] && extra=("$ablation")
   $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --checkpoint "$d/model.pt" --write_model \
       --out_config "$d/postprocess_tuned.json" ${extra[@]:+--config "${extra[0]}"} "${slope[@]}"
-  evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt" "${out[@]}"
+  into=$dir evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt"
 done
-$PY scripts/results_table.py
-if [ -d bundle/eval/replicas ]; then $PY scripts/results_table.py --seeds; fi
+$PY scripts/results_table.py --eval_root "$EVAL_ROOT"
+if [ -d "$EVAL_ROOT/replicas" ]; then $PY scripts/results_table.py --seeds --eval_root "$EVAL_ROOT"; fi

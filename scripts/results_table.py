@@ -9,8 +9,11 @@ Usage::
     python scripts/results_table.py --out bundle/docs/results.md
     python scripts/results_table.py --into README.md      # refill the README's generated block
     python scripts/results_table.py --seeds --into README.md   # the seed table and its block
+    python scripts/results_table.py --eval_root bundle/eval/plain_reinhard_recipe --paper false \
+        --block plain_reinhard_recipe --into README.md         # an archived recipe's rows, its own block
 
-Rows: one per summary (its ``method``), in the order given (default: sorted by AJI),
+Rows: one per summary (its ``method``; default: every ``<eval_root>/*/summary.json``),
+in the order given (default: sorted by AJI),
 then the paper's Table 1 rows for reference, labelled as measured on the MoNuSeg
 test set by the paper, not by this bundle.
 
@@ -90,8 +93,18 @@ def _aji_key(summary: dict) -> float:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else -1.0
 
 
-START, END = "<!-- results table: generated -->", "<!-- end of results table -->"
-SEED_START, SEED_END = "<!-- seed table: generated -->", "<!-- end of seed table -->"
+
+
+def markers(block: str) -> tuple[str, str]:
+    """The lines that enclose the generated table ``block`` in a Markdown file:
+    ``<!-- {block} table: generated -->`` and ``<!-- end of {block} table -->``."""
+    if not isinstance(block, str) or not re.fullmatch(r"[A-Za-z0-9_ -]+", block):
+        raise ValueError(f"--block {block!r}: a table name of letters, digits, '_', '-' or spaces.")
+    return f"<!-- {block} table: generated -->", f"<!-- end of {block} table -->"
+
+
+START, END = markers("results")
+SEED_START, SEED_END = markers("seed")
 SEED_COLUMNS = [("aji", "AJI", 4), ("dice", "ADC (Dice)", 4), ("ahd", "AHD (px)", 2), ("pq", "PQ", 4)]
 
 
@@ -143,11 +156,11 @@ def replace_block(text: str, table_text: str, source: str = "the document", star
 
 
 def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None,
-         seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval")) -> None:
+         seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval"), block: str | None = None) -> None:
     """Print (and optionally write to ``out``) the comparison table, or with ``seeds`` the seed table.
 
     Args:
-        paths: summary files or evaluation folders (default: every ``bundle/eval/*/summary.json``).
+        paths: summary files or evaluation folders (default: every ``<eval_root>/*/summary.json``).
         paper: append the paper's Table 1 rows (their test set) for reference.
         sort: order this bundle's rows by AJI, best first (else in the given order).
         out: also write the table to this file (atomically).
@@ -156,23 +169,30 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
             (README.md and bundle/docs/README.md have that block); with ``seeds``, between
             ``<!-- seed table: generated -->`` and ``<!-- end of seed table -->``.
         seeds: print the seed table of ``eval_root`` instead (``paths``, ``paper`` and ``sort`` do not apply).
-        eval_root: the evaluation folder that ``seeds`` reads.
+        eval_root: the evaluation folder read when no ``paths`` are given, and by ``seeds``
+            (e.g. ``bundle/eval/plain_reinhard_recipe``, the archived previous recipe).
+        block: the name of the block that ``into`` fills, between ``<!-- {block} table: generated -->``
+            and ``<!-- end of {block} table -->`` (default ``results``, ``seed`` with ``seeds``).
     """
+    try:
+        start, end = markers(block if block is not None else ("seed" if flag(seeds, "--seeds") else "results"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     if flag(seeds, "--seeds"):
         groups = seed_groups(eval_root)
         if not groups:
             raise SystemExit(f"{eval_root}/replicas: no seed replicas evaluated yet (scripts/evaluate_all.sh with "
                              "<variant>_s<seed> run folders).")
-        _emit(seed_table(groups), out, into, SEED_START, SEED_END)
+        _emit(seed_table(groups), out, into, start, end)
         return
     if not paths:
-        paths = sorted(str(p) for p in (REPO / "bundle" / "eval").glob("*/summary.json"))
+        paths = sorted(str(p) for p in Path(eval_root).glob("*/summary.json"))
         if not paths:
-            raise SystemExit("no bundle/eval/*/summary.json yet: run the evaluation first (README, 'Evaluate').")
+            raise SystemExit(f"no {eval_root}/*/summary.json yet: run the evaluation first (README, 'Evaluate').")
     summaries = load_summaries(paths)
     if flag(sort, "--sort"):
         summaries.sort(key=lambda s: -_aji_key(s))
-    _emit(table(summaries, flag(paper, "--paper")), out, into, START, END)
+    _emit(table(summaries, flag(paper, "--paper")), out, into, start, end)
 
 
 def _emit(text: str, out: str | None, into: str | None, start_marker: str, end_marker: str) -> None:

@@ -254,11 +254,41 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
     page.write_text("no markers")
     proc = run_script("results_table.py", "--into", str(page))
     assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
-    seeds = module.seed_table(module.seed_groups(REPO / "bundle" / "eval"))
+    # the archived plain-Reinhard recipe: its rows and its seed table, each in its own block
+    archive = REPO / "bundle" / "eval" / "plain_reinhard_recipe"
+    old = module.load_summaries(sorted(archive.glob("*/summary.json")))
+    old.sort(key=lambda s: -module._aji_key(s))
+    old_start, old_end = module.markers("plain_reinhard_recipe")
+    seeds = module.seed_table(module.seed_groups(archive))
     for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
         text = doc.read_text()
+        block = text[text.index(old_start) + len(old_start): text.index(old_end)].strip()
+        assert block == module.table(old, paper=False), (
+            f"{doc}: run python scripts/results_table.py --eval_root {archive.relative_to(REPO)} --paper false "
+            f"--block plain_reinhard_recipe --into {doc.relative_to(REPO)}")
         block = text[text.index(module.SEED_START) + len(module.SEED_START): text.index(module.SEED_END)].strip()
-        assert block == seeds, f"{doc}: run python scripts/results_table.py --seeds --into {doc.relative_to(REPO)}"
+        assert block == seeds, (f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
+                                f"--into {doc.relative_to(REPO)}")
+
+
+def test_named_block_and_eval_root(tmp_path):
+    """--eval_root picks the summaries when no paths are given; --block names the block --into fills,
+    leaving the other blocks alone; a bad block name is refused."""
+    root = tmp_path / "archive"
+    _summary(root / "a", "old_a", 0.30)
+    _summary(root / "b", "old_b", 0.35)
+    page = tmp_path / "page.md"
+    keep = "<!-- results table: generated -->\nmain\n<!-- end of results table -->\n"
+    page.write_text(keep + "<!-- old recipe table: generated -->\nstale\n<!-- end of old recipe table -->\n")
+    proc = run_script("results_table.py", "--eval_root", str(root), "--paper", "false", "--block", "old recipe", "--into", str(page))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [row.split(" | ")[0] for row in _rows(proc.stdout)] == ["| old_b", "| old_a"]
+    text = page.read_text()
+    assert text.startswith(keep) and "stale" not in text and "| old_b |" in text and "(paper)" not in text
+    bad = run_script("results_table.py", "--eval_root", str(root), "--block", "x-->", "--into", str(page))
+    assert bad.returncode != 0 and "--block 'x-->'" in bad.stderr and page.read_text() == text
+    none = run_script("results_table.py", "--eval_root", str(tmp_path / "nothing"))
+    assert none.returncode != 0 and "nothing/*/summary.json" in none.stderr
 
 
 def test_seed_table_groups_replicas_with_seed_zero(tmp_path):
@@ -303,8 +333,11 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     # the shipped model twice, two baselines twice each, then every run folder with a model except train
     assert set(evaluated) == {"model", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned",
                               "hematoxylin_local", "hematoxylin_local_tuned", "minus_smooth", "train_s1", "minus_smooth_s2"}
-    assert "ablations/minus_smooth.json" in evaluated["minus_smooth"] and "--eval_dir" not in evaluated["minus_smooth"]
+    assert "ablations/minus_smooth.json" in evaluated["minus_smooth"]
+    assert evaluated["minus_smooth"].count("--eval_dir") == 1 and "--eval_dir bundle/eval/minus_smooth " in evaluated["minus_smooth"]
+    assert "--eval_dir bundle/eval/model_paper_postprocess " in evaluated["model_paper_postprocess"]
     assert "ablations/minus_smooth.json" in evaluated["minus_smooth_s2"]
+    assert evaluated["minus_smooth_s2"].count("--eval_dir") == 1
     assert "--eval_dir bundle/eval/replicas/minus_smooth_s2" in evaluated["minus_smooth_s2"]
     assert "ablations" not in evaluated["train_s1"] and "--eval_dir bundle/eval/replicas/train_s1" in evaluated["train_s1"]
     tuned = [line for line in proc.stdout.splitlines() if "tune_postprocess.py" in line and "--checkpoint" in line]
@@ -316,5 +349,13 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     only = _evaluate_all(runs, "train_s1")
     assert only.returncode == 0, only.stderr
     assert [line.split("--method ")[1].split()[0] for line in only.stdout.splitlines() if "run evaluating" in line] == ["train_s1"]
+    archived = subprocess.run(["bash", "scripts/evaluate_all.sh", "DATA", str(runs), "minus_smooth", "minus_smooth_s2"], check=False,
+                              cwd=REPO, env={**ENV, "PYTHON": "echo", "EVAL_ROOT": "bundle/eval/old"}, capture_output=True,
+                              text=True, timeout=60)
+    assert archived.returncode == 0, archived.stderr
+    lines = archived.stdout.splitlines()
+    assert [line.split("--eval_dir ")[1].split()[0] for line in lines if "run evaluating" in line] == [
+        "bundle/eval/old/minus_smooth", "bundle/eval/old/replicas/minus_smooth_s2"]
+    assert lines[-1] == "scripts/results_table.py --eval_root bundle/eval/old"  # no replicas there: no seed table
     missing = _evaluate_all(runs, "notes")
     assert missing.returncode != 0 and "notes/model.pt: not found" in missing.stderr
