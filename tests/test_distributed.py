@@ -68,6 +68,9 @@ def _torchrun_training(tmp_path, extra: dict, iterations: int) -> tuple[subproce
 def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
     proc, out = _torchrun_training(tmp_path, SAVE_EACH_RANK, iterations=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # only rank 0's engines log progress: one "new best" line per evaluator metric in one epoch, not one per rank
+    best = re.findall(r"Got new best metric of (\S+):", proc.stdout + proc.stderr)
+    assert best and len(best) == len(set(best)), best
 
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["iteration"] == r1["iteration"] == 2
