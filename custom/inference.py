@@ -83,7 +83,8 @@ class TiledAttentionInferer(Inferer):
         roi_size: maximum tile size, an int or (height, width), each >= 16 pixels.
         margin: context pixels on each side of a tile; None: F's receptive-field radius.
         tta: average over the 7 dihedral transforms (the authors' default).
-        amp_dtype: autocast dtype ("bfloat16", "float16") or None for float32.
+        amp_dtype: autocast dtype: "auto" (bf16 where native on the device, else float32; see
+            :func:`custom.networks.resolve_amp_dtype`), "bfloat16", "float16" or None for float32.
         channels_last: feed windows in channels-last memory format.
         sharpness: slope of the percentile sigmoid at inference, ``A = sigmoid(sharpness (a - tau))``;
             None: the network's own ``r`` (training's, 20 here, which saturates all but a thin rim

@@ -7,8 +7,10 @@ logits and maps ``(B, 1, H, W)``; scale logits ``(B, num_magnifications)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +34,9 @@ __all__ = [
     "PercentileSigmoid",
     "ScaleAttentionModel",
     "autocast_context",
+    "fast_bf16",
     "load_attention_weights",
+    "resolve_amp_dtype",
     "save_attention_network",
     "scale_classifier",
 ]
@@ -54,19 +58,69 @@ def check_sigmoid_slope(value, name: str = "r") -> float | None:
     return float(value)
 
 
+AUTO_AMP = "auto"
+_FP32_NAMES = ("float32", "fp32", "none", "")
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether bfloat16 autocast runs on native kernels on ``device``.
+
+    CUDA: the GPU supports bf16 (Ampere and newer). CPU: oneDNN has bf16 kernels for this
+    processor (AVX512-BF16, AMX or AVX512 core). Elsewhere, e.g. an AVX2-only CPU, bf16 is
+    emulated: a training step of the width-32 model took 181 s there against 30 s in fp32
+    (``scripts/bench_train.py``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_bf16()
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_amp_dtype(device: torch.device | str, amp_dtype: str | None) -> str | None:
+    """The autocast dtype name that runs on ``device``: ``"auto"`` becomes "bfloat16" where
+    :func:`fast_bf16` holds and None (float32) elsewhere; any other value is checked and
+    returned as given, None for full precision.
+
+    Raises:
+        ValueError: ``amp_dtype`` is not "auto", a known dtype name or None.
+    """
+    if amp_dtype is None or str(amp_dtype).lower() in _FP32_NAMES:
+        return None
+    key = str(amp_dtype).lower()
+    if key == AUTO_AMP:
+        return "bfloat16" if fast_bf16(device) else None
+    if key not in _DTYPES:
+        raise ValueError(f"amp_dtype must be {AUTO_AMP!r}, one of {sorted(_DTYPES)} or None, got {amp_dtype!r}.")
+    return amp_dtype
+
+
 def autocast_context(device: torch.device | str, amp_dtype: str | None):
     """Mixed-precision context for ``device`` ("cpu" or "cuda").
 
     Args:
         device: where the computation runs.
-        amp_dtype: "bfloat16"/"bf16", "float16"/"fp16", or None / "float32" for full precision.
+        amp_dtype: "auto" (bf16 where it is native on ``device``, else float32; see
+            :func:`resolve_amp_dtype`), "bfloat16"/"bf16", "float16"/"fp16", or None /
+            "float32" for full precision. An explicit bf16 on a CPU without native bf16
+            warns: it is several times slower than float32 there.
     """
-    if amp_dtype is None or str(amp_dtype).lower() in ("float32", "fp32", "none", ""):
+    name = resolve_amp_dtype(device, amp_dtype)
+    if name is None:
         return contextlib.nullcontext()
-    key = str(amp_dtype).lower()
-    if key not in _DTYPES:
-        raise ValueError(f"amp_dtype must be one of {sorted(_DTYPES)} or None, got {amp_dtype!r}.")
-    return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[key])
+    device = torch.device(device)
+    dtype = _DTYPES[name.lower()]
+    if dtype is torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
+        warnings.warn(f"amp_dtype={amp_dtype!r} on a CPU without native bfloat16 (no AVX512/AMX bf16 kernels): "
+                      f"it runs several times slower than float32 here; amp_dtype 'auto' picks float32 on such CPUs.",
+                      RuntimeWarning, stacklevel=2)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class PercentileSigmoid(nn.Module):
@@ -325,7 +379,8 @@ class ScaleAttentionModel(nn.Module):
         classifier: the scale classifier G.
         equivariance: compute the equivariance target in training.
         equivariance_transforms: indices into ``custom.transforms.DIHEDRAL_NAMES``.
-        amp_dtype: autocast dtype ("bfloat16", "float16") or None for float32.
+        amp_dtype: autocast dtype: "auto" (bf16 where native, else float32; :func:`resolve_amp_dtype`),
+            "bfloat16", "float16" or None for float32.
         channels_last: run convolutions in channels-last memory format.
 
     ``forward(x)`` returns a dict: ``scale_logits (B, K)``, ``attention (B, 1, H, W)``
@@ -339,7 +394,7 @@ class ScaleAttentionModel(nn.Module):
         classifier: nn.Module,
         equivariance: bool = True,
         equivariance_transforms: Sequence[int] = EQUIVARIANCE_TRANSFORMS,
-        amp_dtype: str | None = "bfloat16",
+        amp_dtype: str | None = AUTO_AMP,
         channels_last: bool = True,
     ):
         super().__init__()

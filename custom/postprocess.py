@@ -3,7 +3,9 @@
 The authors' pipeline (their ``post.py``), in order:
 
 1. ``seg = A > threshold`` (0.5; here optionally ``"otsu"``, a threshold per image,
-   see :func:`otsu_threshold`, and optionally after a Gaussian blur of A, ``attention_sigma``);
+   see :func:`otsu_threshold`, optionally after a Gaussian blur of A, ``attention_sigma``,
+   and optionally also above A's local Gaussian-weighted mean plus ``local_offset`` in a
+   ``local_block_size`` neighbourhood, see :func:`local_threshold_mask`);
 2. binary opening disk(2), closing disk(2), opening disk(1), closing disk(1);
 3. Euclidean distance transform of ``seg``, Gaussian blur (sigma 1);
 4. markers: local maxima of the blurred distance with a disk(7) footprint inside
@@ -35,7 +37,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from skimage.feature import peak_local_max
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_local, threshold_otsu
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
@@ -47,6 +49,7 @@ __all__ = [
     "InstanceSegmentationHandler",
     "attention_to_instances",
     "keep_centred",
+    "local_threshold_mask",
     "mask_to_instances",
     "otsu_threshold",
 ]
@@ -84,6 +87,47 @@ def _check_attention_sigma(attention_sigma) -> float:
         raise ValueError(f"attention_sigma (Gaussian blur of the attention before the threshold, pixels) must be a finite number >= 0, "
                          f"got {attention_sigma!r}.")
     return float(attention_sigma)
+
+
+def _check_local(local_block_size, local_offset) -> tuple[int, float]:
+    if not _is_int(local_block_size) or (local_block_size != 0 and (local_block_size < 3 or local_block_size % 2 == 0)):
+        raise ValueError(f"local_block_size (neighbourhood of the local threshold, pixels) must be 0 (off) or an odd integer >= 3, "
+                         f"got {local_block_size!r}.")
+    if (isinstance(local_offset, bool) or not isinstance(local_offset, (int, float, np.number))
+            or not np.isfinite(local_offset)):
+        raise ValueError(f"local_offset (attention units above the local mean) must be a finite number, got {local_offset!r}.")
+    return int(local_block_size), float(local_offset)
+
+
+def local_threshold_mask(attention, block_size: int = 101, offset: float = 0.05) -> np.ndarray:
+    """Pixels whose attention exceeds its neighbourhood's: ``A > gaussian_mean_block(A) + offset``.
+
+    The adaptive threshold of Fiji's "Auto Local Threshold" (and of the hematoxylin-local
+    baseline), applied to the attention: the mean is Gaussian-weighted (sigma
+    ``(block_size - 1) / 6``, image edges reflected). Within a crowd of nuclei it cuts the
+    pale gaps between them that a single threshold per image lets through.
+
+    Args:
+        attention: ``(H, W)`` or ``(1, H, W)`` float map in [0, 1], numpy or torch.
+        block_size: odd side (pixels) of the neighbourhood, >= 3.
+        offset: how far above the local mean a pixel must be, attention units.
+
+    Returns:
+        ``(H, W)`` bool mask.
+    """
+    block_size, offset = _check_local(block_size, offset)
+    if block_size == 0:
+        raise ValueError("local_threshold_mask needs block_size >= 3 (0 means no local threshold in attention_to_instances).")
+    arr = _to_2d(attention, "attention")
+    if np.isnan(arr).any():
+        raise ValueError("attention contains NaN values.")
+    return _local_mask(arr, block_size, offset)
+
+
+def _local_mask(arr: np.ndarray, block_size: int, offset: float) -> np.ndarray:
+    """:func:`local_threshold_mask` of a checked ``(H, W)`` map with validated parameters."""
+    arr = arr.astype(np.float64, copy=False)
+    return arr > threshold_local(arr, block_size, method="gaussian", offset=-offset)
 
 
 def _check_threshold(threshold, otsu_range=DEFAULT_OTSU_RANGE) -> tuple[float, float]:
@@ -221,6 +265,8 @@ def attention_to_instances(
     fill_unmarked: bool = True,
     otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
     attention_sigma: float = 0.0,
+    local_block_size: int = 0,
+    local_offset: float = 0.0,
 ) -> np.ndarray:
     """Nucleus instances from an attention map: ``A > threshold``, then :func:`mask_to_instances`.
 
@@ -232,11 +278,15 @@ def attention_to_instances(
         otsu_range: bounds of the ``"otsu"`` threshold (attention units); unused otherwise.
         attention_sigma: standard deviation (pixels) of a Gaussian blur of the attention before
             the threshold (0: none, the paper), as the hematoxylin baseline blurs its map.
+        local_block_size: 0 (the paper) or an odd neighbourhood side (pixels): foreground must
+            then also pass :func:`local_threshold_mask` of the (blurred) attention.
+        local_offset: that local threshold's offset above the local mean, attention units.
 
     Returns:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
     lo, hi = _check_threshold(threshold, otsu_range)
+    local_block_size, local_offset = _check_local(local_block_size, local_offset)
     _check_params(morphology_radii, sigma, footprint_radius, min_size)
     attention_sigma = _check_attention_sigma(attention_sigma)
     arr = _to_2d(attention, "attention")
@@ -248,7 +298,10 @@ def attention_to_instances(
         arr = ndimage.gaussian_filter(arr.astype(np.float32, copy=False), attention_sigma)  # "nearest" edges: no dark rim
     if threshold == OTSU:
         threshold = _otsu_level(arr, lo, hi)
-    return mask_to_instances(arr > threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
+    mask = arr > threshold
+    if local_block_size:
+        mask &= _local_mask(arr, local_block_size, local_offset)
+    return mask_to_instances(mask, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
 
 
 def keep_centred(labels: np.ndarray, core: Sequence[int], max_size: int = 0) -> np.ndarray:
@@ -308,12 +361,17 @@ class AttentionToInstances(Transform):
         fill_unmarked: bool = True,
         otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
         attention_sigma: float = 0.0,
+        local_block_size: int = 0,
+        local_offset: float = 0.0,
     ):
         lo, hi = _check_threshold(threshold, otsu_range)
+        block, offset = _check_local(local_block_size, local_offset)
         self.kwargs = {
             "threshold": threshold,
             "otsu_range": (lo, hi),
             "attention_sigma": _check_attention_sigma(attention_sigma),
+            "local_block_size": block,
+            "local_offset": offset,
             "morphology_radii": _check_params(morphology_radii, sigma, footprint_radius, min_size),
             "sigma": sigma,
             "footprint_radius": footprint_radius,
@@ -338,8 +396,8 @@ class AttentionToInstancesd(MapTransform):
             ``key + suffix``, i.e. "pred_instances".
         suffix: appended to each key when ``output_key`` is None.
         allow_missing_keys: skip absent keys.
-        threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range, attention_sigma:
-            see :func:`attention_to_instances`.
+        threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range, attention_sigma,
+            local_block_size, local_offset: see :func:`attention_to_instances`.
     """
 
     def __init__(
@@ -355,6 +413,8 @@ class AttentionToInstancesd(MapTransform):
         fill_unmarked: bool = True,
         otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
         attention_sigma: float = 0.0,
+        local_block_size: int = 0,
+        local_offset: float = 0.0,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -364,7 +424,7 @@ class AttentionToInstancesd(MapTransform):
             raise ValueError("suffix must be non-empty when output_key is None (it would overwrite the attention).")
         self.output_key, self.suffix = output_key, suffix
         self.transform = AttentionToInstances(threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range,
-                                              attention_sigma)
+                                              attention_sigma, local_block_size, local_offset)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

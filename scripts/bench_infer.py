@@ -4,7 +4,7 @@
     python scripts/bench_infer.py --size 2000 --roi 512 --repeats 1
     python scripts/bench_infer.py --device cuda --size 4000 --roi 2048   # on a GPU
 
-For each precision (fp32, bf16 autocast + channels-last) and with / without
+For each precision (fp32 with and without channels-last, bf16 autocast + channels-last) and with / without
 test-time augmentation (identity + 6 flips/rotations), it times (a) the network alone through the exact
 tiled inferer and (b) the network plus the paper's post-processing (watershed) on a
 synthetic H&E-coloured image of ``size`` x ``size`` pixels. Weights come from
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom.inference import TiledAttentionInferer  # noqa: E402
-from custom.networks import load_attention_weights  # noqa: E402
+from custom.networks import AUTO_AMP, load_attention_weights, resolve_amp_dtype  # noqa: E402
 from custom.postprocess import attention_to_instances  # noqa: E402
 
 
@@ -44,8 +44,11 @@ def _image(size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(((np.clip(rgb, 0, 1) - mean) / std).transpose(2, 0, 1).copy())[None]
 
 
+MODES = {"fp32": (None, False), "fp32 + channels_last": (None, True), "bf16 + channels_last": ("bfloat16", True)}
+
+
 def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, roi: int = 1024, repeats: int = 2,
-         threads: int | None = None, device: str = "cpu", **overrides) -> None:
+         threads: int | None = None, device: str = "cpu", modes=tuple(MODES), **overrides) -> None:
     """Print a table of seconds per image and megapixels per second.
 
     Args:
@@ -55,8 +58,13 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
         repeats: timed runs per setting (after one warm-up); the best is reported.
         threads: torch threads (default: torch's choice).
         device: "cpu" or "cuda" (the network and image go there; post-processing stays on the CPU).
+        modes: which of ``MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
         overrides: train.json keys for the architecture, e.g. ``--width 64``.
     """
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes {unknown}: unknown; choose from {list(MODES)}.")
     from monai.bundle import ConfigParser
 
     if threads:
@@ -70,7 +78,8 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval().to(device)
     pp = dict(getattr(net, "postprocess", {}) or {})
     sharpness = pp.get("sharpness")
-    pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size", "otsu_range", "attention_sigma")
+    pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size", "otsu_range", "attention_sigma",
+             "local_block_size", "local_offset")
           if k in pp}
     x = _image(size).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -78,9 +87,11 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"model {model}: width {net.width}, {where}, image {size}x{size} ({mp:.2f} MP), "
           f"roi {roi}, sigmoid slope {sharpness or 'the network r'}, post-processing {pp or 'paper defaults'}")
+    print(f"amp_dtype {AUTO_AMP!r} picks {resolve_amp_dtype(device, AUTO_AMP) or 'float32'} on this device")
     print("| precision | TTA | network s/image | network MP/s | + post-processing s/image | + post-processing MP/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for amp, cl, name in ((None, False, "fp32"), ("bfloat16", True, "bf16 + channels_last")):
+    for name in modes:
+        amp, cl = MODES[name]
         for tta in (False, True):
             inferer = TiledAttentionInferer(roi_size=roi, tta=tta, amp_dtype=amp, channels_last=cl, sharpness=sharpness)
             inferer(x, net)  # warm-up

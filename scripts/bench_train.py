@@ -1,9 +1,10 @@
 """Training throughput of F + G (forward, three losses, backward, Adam step).
 
-    python scripts/bench_train.py                       # widths 64 and 32, fp32 vs bf16+channels_last
+    python scripts/bench_train.py                       # widths 64 and 32, fp32 (with and without channels_last) vs bf16+channels_last
     python scripts/bench_train.py --widths "[16]" --batch_size 32 --iterations 5
 
-Prints images/s and seconds per batch for each width and precision. Inputs are
+Prints images/s and seconds per batch for each width and precision, and which precision the
+bundle's ``amp_dtype: "auto"`` picks on this device (bf16 only where it is native). Inputs are
 random tensors of the training tile size, so this measures the model alone;
 data loading runs in worker processes during training.
 """
@@ -20,13 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.losses import ScaleAttentionLoss
-from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier
+from custom.networks import AUTO_AMP, AttentionNet, ScaleAttentionModel, resolve_amp_dtype, scale_classifier
 
-MODES = {"fp32": (None, False), "bf16+channels_last": ("bfloat16", True)}
+MODES = {"fp32": (None, False), "fp32+channels_last": (None, True), "bf16+channels_last": ("bfloat16", True)}
 
 
 def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iterations: int = 3, warmup: int = 1,
-          device: str | None = None, threads: int | None = None) -> None:
+          device: str | None = None, threads: int | None = None, modes=tuple(MODES)) -> None:
     """Time training steps and print one row per (width, mode).
 
     Args:
@@ -36,15 +37,22 @@ def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iteration
         iterations: timed steps per setting (after ``warmup`` untimed ones).
         device: "cpu" or "cuda" (default: cuda when present).
         threads: torch CPU threads (default: torch's choice).
+        modes: which of ``MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
     """
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes {unknown}: unknown; choose from {list(MODES)}.")
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     widths = [widths] if isinstance(widths, int) else list(widths)
     print(f"device={dev} threads={torch.get_num_threads()} batch={batch_size} tile={crop_size}x{crop_size} torch={torch.__version__}")
+    print(f"amp_dtype {AUTO_AMP!r} picks {resolve_amp_dtype(dev, AUTO_AMP) or 'float32'} on this device")
     print(f"{'width':>5}  {'mode':<20} {'s/batch':>8} {'images/s':>9}")
     for width in widths:
-        for mode, (amp, channels_last) in MODES.items():
+        for mode in modes:
+            amp, channels_last = MODES[mode]
             torch.manual_seed(0)
             model = ScaleAttentionModel(AttentionNet(width=width), scale_classifier(), amp_dtype=amp, channels_last=channels_last)
             model = model.to(dev).train()

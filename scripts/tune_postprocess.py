@@ -3,7 +3,7 @@
 The attention maps of the chosen images are computed once with the evaluation
 workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
 then the threshold (a number, or ``"otsu"``: one per image), the blur of the attention
-before it, the marker footprint radius, the blur of the distance map and the minimum
+before it, the local threshold (neighbourhood and offset; block 0: none), the marker footprint radius, the blur of the distance map and the minimum
 size are searched by coordinate ascent on mean AJI (the authors' definition), starting
 from the paper's values. ``--sharpness`` sets the slope of the
 sigmoid the maps are computed with (default: the network's own; about 1 gives the soft
@@ -48,10 +48,14 @@ PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_
 GRID = {
     "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, OTSU],
     "attention_sigma": [0.0, 0.5, 1.0, 1.5, 2.0],
+    "local_block_size": [0, 51, 75, 101, 151, 201],
+    "local_offset": [0.0, 0.02, 0.05, 0.08, 0.12],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
     "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
     "min_size": [0, 10, 20, 40, 80, 120, 160],
 }
+# parameters of the map before it is binarised: not searched for a baseline, whose map is already binary
+MAP_PARAMS = ("threshold", "attention_sigma", "local_block_size", "local_offset")
 FORBIDDEN_SPLITS = ("test",)
 
 _MAPS: list = []
@@ -107,7 +111,7 @@ def main(
         config: an override file the model was trained with (e.g. ``bundle/configs/ablations/paper_settings.json``),
             layered on ``train.json`` so that the network matches the weights.
         tta: test-time augmentation for the attention maps, as at evaluation.
-        rounds: passes of coordinate ascent over the 4 parameters.
+        rounds: passes of coordinate ascent over the parameters of ``GRID``.
         workers: processes for the search.
         out_config: where to write the override (default: ``bundle/configs/postprocess_tuned.json``
             for the model, ``bundle/configs/baselines/<method>_tuned.json`` for a baseline).
@@ -144,7 +148,7 @@ def main(
         _ensure_stain_target(parser, model_path, dataset_dir, train_split)
     maps, network = attention_maps(parser)
 
-    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0)  # otsu_range: not searched
+    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0, local_block_size=0, local_offset=0.0)  # otsu_range: not searched
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
         best_score = pool.submit(_score, best).result()
         print(f"paper's parameters: AJI {best_score:.4f}", flush=True)
@@ -152,7 +156,7 @@ def main(
         for r in range(rounds):
             changed = False
             for name, values in GRID.items():
-                if method != "model" and name in ("threshold", "attention_sigma"):
+                if method != "model" and name in MAP_PARAMS:
                     continue  # a baseline's map is binary (its own pipeline blurs and thresholds)
                 trials = [dict(best, **{name: v}) for v in values]
                 scores = list(pool.map(_score, trials))

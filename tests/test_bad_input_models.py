@@ -72,7 +72,7 @@ SETTING_CASES = {
     "batch_size_zero": ("train", {"batch_size": 0}, "needs positive num_images, num_magnifications, batch_size"),
     "unknown_magnification": ("train", {"magnifications": [10, 20, 80]}, "magnifications [80] cannot be made from base magnification 40x"),
     "crop_larger_than_image": ("train", {"crop_size": 512}, "smaller than crop_size 512"),
-    "amp_dtype": ("train", {"amp_dtype": "float8"}, "amp_dtype must be one of"),
+    "amp_dtype": ("train", {"amp_dtype": "float8"}, "amp_dtype must be 'auto', one of"),
     "stain_prior": ("train", {"stain_prior": "eosin"}, "stain_prior must be one of"),
     "flag_not_boolean": ("infer", {"overwrite": "maybe"}, "overwrite must be true or false, got 'maybe'"),
     "infer_magnification_zero": ("infer", {"magnification": 0}, "magnification must be > 0, got 0"),

@@ -165,6 +165,39 @@ def test_autocast_context_validates():
         pass
 
 
+def test_auto_amp_dtype_is_bf16_only_where_native(monkeypatch):
+    import custom.networks as networks
+
+    for native in (True, False):
+        monkeypatch.setattr(networks, "_cpu_bf16", lambda native=native: native)
+        assert networks.resolve_amp_dtype("cpu", "auto") == ("bfloat16" if native else None)
+        assert networks.resolve_amp_dtype("cpu", "AUTO") == ("bfloat16" if native else None)
+        x = torch.randn(2, 3, 8, 8)
+        with networks.autocast_context("cpu", "auto"):
+            y = torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3))
+        assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    # explicit names are kept whatever the CPU; fp32 spellings become None
+    assert networks.resolve_amp_dtype("cpu", "bf16") == "bf16"
+    assert all(networks.resolve_amp_dtype("cpu", v) is None for v in (None, "float32", "fp32", "None", ""))
+    assert networks.resolve_amp_dtype("cuda", "auto") == ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None)
+    with pytest.raises(ValueError, match="'auto'"):
+        networks.resolve_amp_dtype("cpu", "automatic")
+
+
+def test_explicit_bf16_warns_on_a_cpu_without_native_bf16(monkeypatch):
+    import warnings
+
+    import custom.networks as networks
+
+    monkeypatch.setattr(networks, "_cpu_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="slower than float32"):
+        networks.autocast_context("cpu", "bfloat16")
+    monkeypatch.setattr(networks, "_cpu_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        networks.autocast_context("cpu", "bfloat16")
+
+
 def test_load_attention_weights_from_model_or_checkpoint(tmp_path):
     from custom.networks import load_attention_weights
 

@@ -15,6 +15,7 @@ from custom.postprocess import (
     InstanceSegmentationHandler,
     attention_to_instances,
     keep_centred,
+    local_threshold_mask,
     mask_to_instances,
     otsu_threshold,
 )
@@ -121,6 +122,12 @@ def test_mask_to_instances_matches_attention_path():
         ({"threshold": "otsu", "otsu_range": 0.5}, "otsu_range"),
         ({"attention_sigma": -1.0}, "attention_sigma"),
         ({"attention_sigma": float("nan")}, "attention_sigma"),
+        ({"local_block_size": 4}, "local_block_size"),
+        ({"local_block_size": 1}, "local_block_size"),
+        ({"local_block_size": -3}, "local_block_size"),
+        ({"local_block_size": 31.0}, "local_block_size"),
+        ({"local_block_size": 31, "local_offset": float("nan")}, "local_offset"),
+        ({"local_block_size": 31, "local_offset": "high"}, "local_offset"),
     ],
 )
 def test_invalid_parameters(kwargs, match):
@@ -169,6 +176,43 @@ def test_attention_blur_before_the_threshold():
     assert speckled.max() > 10  # noise above 0.5 everywhere makes specks
     assert blurred.max() == 2  # the two discs, nothing else
     assert np.array_equal(attention_to_instances(noisy, attention_sigma=0.0), attention_to_instances(noisy))
+
+
+def _ramp_with_discs() -> tuple[np.ndarray, np.ndarray]:
+    """Background rising from 0.3 (left) to 0.7 (right), two discs 0.25 above it, one on each side."""
+    h, w = 64, 128
+    yy, xx = np.mgrid[:h, :w]
+    discs = ((yy - 32) ** 2 + (xx - 30) ** 2 < 8 ** 2) | ((yy - 32) ** 2 + (xx - 98) ** 2 < 8 ** 2)
+    return (0.3 + 0.4 * xx / (w - 1) + 0.25 * discs).astype(np.float32), discs
+
+
+def test_local_threshold_follows_an_uneven_background():
+    attention, discs = _ramp_with_discs()
+    # one threshold per map floods the bright side: the right disc drowns in its background
+    flooded = attention_to_instances(attention, threshold=0.5, min_size=0) > 0
+    assert flooded.sum() > 5 * discs.sum()
+    # above the neighbourhood's mean by 0.1: the two discs, nothing else
+    mask = local_threshold_mask(attention, block_size=61, offset=0.1)
+    assert (mask & discs).sum() / (mask | discs).sum() > 0.8
+    labels = attention_to_instances(attention, threshold=0.0, local_block_size=61, local_offset=0.1, min_size=0)
+    assert labels.max() == 2
+    _assert_consecutive(labels)
+    assert ((labels > 0) & discs).sum() / ((labels > 0) | discs).sum() > 0.8
+    # it narrows the global threshold's mask, never widens it; block 0 is the paper's pipeline
+    both = attention_to_instances(attention, threshold=0.6, local_block_size=61, local_offset=0.1, min_size=0) > 0
+    assert not (both & ~(attention_to_instances(attention, threshold=0.6, min_size=0) > 0)).any()
+    assert np.array_equal(attention_to_instances(attention, local_block_size=0, local_offset=0.3), attention_to_instances(attention))
+    with pytest.raises(ValueError, match="block_size >= 3"):
+        local_threshold_mask(attention, block_size=0)
+    with pytest.raises(ValueError, match="NaN"):
+        local_threshold_mask(np.full((8, 8), np.nan, np.float32), block_size=3)
+
+
+def test_local_threshold_through_the_transforms():
+    attention, _ = _ramp_with_discs()
+    out = AttentionToInstancesd(keys="pred", threshold=0.0, local_block_size=61, local_offset=0.1, min_size=0)(
+        {"pred": torch.as_tensor(attention)[None]})
+    assert int(out["pred_instances"].max()) == 2
 
 
 def test_otsu_through_the_transforms():
