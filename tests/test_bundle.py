@@ -68,6 +68,10 @@ def test_training_writes_events_checkpoints_and_model(tmp_path):
         ("paper_settings", lambda p: p.get_parsed_content("network_def").activation.eta == 7.0
          and p.get_parsed_content("network_def").stain_prior == "none"),
         ("plain_reinhard", lambda p: p.get_parsed_content("network_def").stain_settings == {"brightness_percentile": 90, "max_std_ratio": None}),
+        # the two previous shipped models' budgets: 5 epochs of 100 iterations, against the recipe's one of 60
+        ("iterations_500", lambda p: (p["epochs"], p["iterations_per_epoch"]) == (5, 100)),
+        ("prior_gain2", lambda p: p.get_parsed_content("network_def").stain_prior_gain == 2.0
+         and (p["epochs"], p["iterations_per_epoch"]) == (5, 100)),
     ],
 )
 def test_ablation_overrides(ablation, check):

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,18 +255,26 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
     page.write_text("no markers")
     proc = run_script("results_table.py", "--into", str(page))
     assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
-    # the archived plain-Reinhard recipe: its rows and its seed table, each in its own block
-    archive = REPO / "bundle" / "eval" / "plain_reinhard_recipe"
-    old = module.load_summaries(sorted(archive.glob("*/summary.json")))
-    old.sort(key=lambda s: -module._aji_key(s))
-    old_start, old_end = module.markers("plain_reinhard_recipe")
-    seeds = module.seed_table(module.seed_groups(archive))
+    # every other named block (an archived recipe, a budget study) holds the rows of bundle/eval/<block>/;
+    # the plain-Reinhard recipe's seed table is in the seed block
     for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
         text = doc.read_text()
-        block = text[text.index(old_start) + len(old_start): text.index(old_end)].strip()
-        assert block == module.table(old, paper=False), (
-            f"{doc}: run python scripts/results_table.py --eval_root {archive.relative_to(REPO)} --paper false "
-            f"--block plain_reinhard_recipe --into {doc.relative_to(REPO)}")
+        names = re.findall(r"<!-- ([A-Za-z0-9_ -]+) table: generated -->", text)
+        assert "plain_reinhard_recipe" in names, f"{doc}: the archived plain-Reinhard recipe's block is missing"
+        for name in names:
+            if name in ("results", "seed"):
+                continue
+            archive = REPO / "bundle" / "eval" / name
+            old = module.load_summaries(sorted(archive.glob("*/summary.json")))
+            assert old, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/*/summary.json"
+            old.sort(key=lambda s: -module._aji_key(s))
+            old_start, old_end = module.markers(name)
+            block = text[text.index(old_start) + len(old_start): text.index(old_end)].strip()
+            assert block == module.table(old, paper=False), (
+                f"{doc}: run python scripts/results_table.py --eval_root {archive.relative_to(REPO)} --paper false "
+                f"--block {name} --into {doc.relative_to(REPO)}")
+        archive = REPO / "bundle" / "eval" / "plain_reinhard_recipe"
+        seeds = module.seed_table(module.seed_groups(archive))
         block = text[text.index(module.SEED_START) + len(module.SEED_START): text.index(module.SEED_END)].strip()
         assert block == seeds, (f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
                                 f"--into {doc.relative_to(REPO)}")
@@ -359,3 +368,43 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     assert lines[-1] == "scripts/results_table.py --eval_root bundle/eval/old"  # no replicas there: no seed table
     missing = _evaluate_all(runs, "notes")
     assert missing.returncode != 0 and "notes/model.pt: not found" in missing.stderr
+
+
+def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postprocessing(tmp_path):
+    """scripts/ablation_study.sh with PYTHON=echo: the control and each ablation train one epoch of the given
+    iterations into their own folder; every row, and the reference model, is evaluated twice with the same
+    post-processing (the paper's, and the reference model's tuned values); bad arguments are refused."""
+    reference = tmp_path / "ref.pt"
+    reference.write_bytes(b"")
+    env = {**ENV, "PYTHON": "echo", "RUNS_ROOT": str(tmp_path / "runs")}
+
+    def study(*args, **extra):
+        return subprocess.run(["bash", "scripts/ablation_study.sh", "DATA", *args], check=False, cwd=REPO,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=60)
+
+    proc = study("7", str(reference))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    trained = [line for line in lines if "run training" in line]
+    assert len(trained) == 4 and all("--epochs 1 --iterations_per_epoch 7 " in line for line in trained)
+    assert "ablations" not in trained[0] and f"--output_dir {tmp_path}/runs/b7_control " in trained[0]
+    assert [line.split("ablations/")[1].split(".json")[0] for line in trained[1:]] == ["minus_smooth", "minus_equiv", "minus_sparse"]
+    evaluated = [line for line in lines if "run evaluating" in line]
+    names = [line.split("--method ")[1].split()[0] for line in evaluated]
+    assert names == [n for n in ("control", "minus_smooth", "minus_equiv", "minus_sparse", "reference") for _ in (0, 1)]
+    assert all("--tta false" in line for line in evaluated)
+    paper, fixed = evaluated[0::2], evaluated[1::2]
+    assert all('--eval#tuned {}' in line and "budget7_paper_postprocess/" in line for line in paper)
+    override = f"{tmp_path}/runs/budget7_reference_postprocess.json"
+    assert all(override in line and "budget7_reference_postprocess/" in line and "eval#tuned" not in line for line in fixed)
+    assert f"--checkpoint {reference} " in evaluated[-1]
+    assert lines[-2:] == [f"scripts/results_table.py --eval_root bundle/eval/budget7_{p}_postprocess --paper false"
+                          for p in ("paper", "reference")]
+    some = study("3", str(reference), VARIANTS="control minus_sparse", REFERENCE_NAME="old", TTA="true")
+    assert some.returncode == 0, some.stderr
+    assert sum("run training" in line for line in some.stdout.splitlines()) == 2
+    assert "--method old " in some.stdout and "--tta false" not in some.stdout
+    for args, extra, message in [(("0",), {}, "ITERATIONS=0"), (("5", str(tmp_path / "none.pt")), {}, "none.pt: not found"),
+                                 (("5", str(reference)), {"VARIANTS": "minus_foo"}, "minus_foo is neither control")]:
+        bad = study(*args, **extra)
+        assert bad.returncode == 2 and message in bad.stderr and "run training" not in bad.stdout
