@@ -113,7 +113,7 @@ def test_check_properties_train_and_inference(tmp_path):
                            model_path=str(tmp_path / "run" / "model.pt"), width=4, crop_size=64, num_workers=0)
     train.initialize()
     assert train.check_properties() == []
-    assert train.max_epochs == 5 and train.network_def.width == 4
+    assert train.max_epochs == 1 and train.network_def.width == 4  # the recipe: one epoch (of 60 iterations)
 
     infer = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(META), workflow_type="infer",
                            input=str(dataset / "images"), output_dir=str(tmp_path / "out"), base_magnification=40,
