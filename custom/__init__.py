@@ -3,6 +3,7 @@
 Modules
 -------
 config      boolean settings as they arrive from the command line
+files       atomic file writes (whole or absent)
 networks    attention network F, percentile sigmoid, the F+G scale model
 losses      scale, smoothness and equivariance losses
 transforms  dihedral group, Reinhard colour transfer, HED jitter (array + dict pairs)
@@ -19,8 +20,21 @@ wsi_data    whole-slide datasets: multi-magnification training tiles, inference 
 wsi_outputs whole-slide inference outputs: stitched nuclei, GeoJSON/CSV/overlay/summary per slide
 """
 
-# config expressions ("$custom.data.list_ids(...)") need the submodules loaded by `import custom`
-from custom import (  # noqa: F401
-    config, data, engine, handlers, inference, losses, metrics, monuseg, networks, nuclei, postprocess, transforms, wsi, wsi_data,
-    wsi_outputs,
-)
+import importlib
+
+_SUBMODULES = ("baselines", "config", "data", "engine", "files", "handlers", "inference", "losses", "metrics", "monuseg", "networks",
+               "nuclei", "postprocess", "regions", "transforms", "wsi", "wsi_data", "wsi_outputs")
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    """Config expressions (``"$custom.data.list_ids(...)"`` after ``import custom``) reach the submodules as
+    attributes: each is imported on first use, so that a script needing one light module (e.g.
+    ``custom.config``) does not pay for torch and MONAI."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES))

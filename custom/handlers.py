@@ -23,6 +23,7 @@ from skimage.segmentation import find_boundaries
 
 from custom.config import flag
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
+from custom.files import write_atomic
 from custom.metrics import COUNT_NAMES, METRIC_NAMES, cached_instance_metrics
 from custom.networks import save_attention_network
 
@@ -369,15 +370,6 @@ class ResumeCheckpointLoader(CheckpointLoader):
             )
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored {sorted(load_dict)} from {self.load_path}")
-
-
-def write_atomic(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _items(engine: Engine) -> list[tuple[dict, dict]]:

@@ -38,6 +38,7 @@ __all__ = [
     "load_attention_weights",
     "resolve_amp_dtype",
     "save_attention_network",
+    "stored_postprocess",
     "scale_classifier",
 ]
 
@@ -451,18 +452,8 @@ def save_attention_network(net: AttentionNet, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
-    """Load F's weights and running tau from ``path`` into ``net`` (in place) and return it.
-
-    Accepts the exported ``model.pt`` (F's state dict) or a training checkpoint
-    (``{"network": state of ScaleAttentionModel, ...}``, F's keys under ``attention.``).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is not a readable PyTorch checkpoint, holds no attention-network
-            weights, or weights of another width/architecture (each message names the file).
-        FloatingPointError: a weight or buffer in ``path`` is NaN or infinite.
-    """
+def _read_attention_state(path: str | os.PathLike) -> dict:
+    """F's state dict from ``model.pt`` or a training checkpoint, with the errors of :func:`load_attention_weights`."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model weights {path}: no such file. Pass --model_path (or --model) the model.pt to use.")
     try:
@@ -476,6 +467,40 @@ def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
         state = {k[len("attention."):]: v for k, v in state["network"].items() if k.startswith("attention.")}
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: holds no attention-network weights (expected model.pt or a training checkpoint).")
+    return state
+
+
+def stored_postprocess(path: str | os.PathLike) -> dict:
+    """The tuned post-processing stored in a model file by ``scripts/tune_postprocess.py --write_model``.
+
+    Returns:
+        the keyword arguments of :func:`custom.postprocess.attention_to_instances` plus
+        ``sharpness`` (the sigmoid slope the maps were tuned at) and ``tuned_on``, as stored.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_attention_weights`; ValueError also when
+            the file stores no tuned post-processing (the message says how to tune it).
+    """
+    extra = _read_attention_state(path).get("_extra_state") or {}
+    postprocess = dict(extra.get("postprocess") or {}) if isinstance(extra, dict) else {}
+    if not postprocess:
+        raise ValueError(f"{path}: stores no tuned post-processing; run scripts/tune_postprocess.py --checkpoint {path} --write_model.")
+    return postprocess
+
+
+def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
+    """Load F's weights and running tau from ``path`` into ``net`` (in place) and return it.
+
+    Accepts the exported ``model.pt`` (F's state dict) or a training checkpoint
+    (``{"network": state of ScaleAttentionModel, ...}``, F's keys under ``attention.``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a readable PyTorch checkpoint, holds no attention-network
+            weights, or weights of another width/architecture (each message names the file).
+        FloatingPointError: a weight or buffer in ``path`` is NaN or infinite.
+    """
+    state = _read_attention_state(path)
     bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"model weights {path}: NaN or infinite values in {bad[:3]}; use an earlier checkpoint.")

@@ -21,11 +21,10 @@ PY=${PYTHON:-python}
 SHARPNESS=${SHARPNESS-1}; slope=(); [ -n "$SHARPNESS" ] && slope=(--sharpness "$SHARPNESS")
 EVAL_ROOT=${EVAL_ROOT:-bundle/eval}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
+# shellcheck source=scripts/bundle_evaluate.sh
+. "$(dirname "$0")/bundle_evaluate.sh"
 evaluate() {  # [into=EVAL_DIR] evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...  (default EVAL_DIR: $EVAL_ROOT/METHOD)
-  local method=$1; shift; local files="'$C/train.json','$C/evaluate.json'"
-  while [ $# -gt 0 ] && [ "$1" != "--" ]; do files="$files,'$1'"; shift; done; [ $# -gt 0 ] && shift
-  $PY -m monai.bundle run evaluating --config_file "[$files]" --dataset_dir "$DATA" --download false --method "$method" \
-      --eval_dir "${into:-$EVAL_ROOT/$method}" "$@"
+  bundle_evaluate "${into:-$EVAL_ROOT/$1}" "$@"
 }
 if [ ${#NAMES[@]} -eq 0 ]; then
   # the shipped model, with its tuned post-processing and with the paper's

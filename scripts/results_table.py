@@ -35,7 +35,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from custom.config import flag  # noqa: E402
-from custom.handlers import write_atomic  # noqa: E402
+from custom.files import write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

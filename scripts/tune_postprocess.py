@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom.config import flag  # noqa: E402
-from custom.handlers import write_atomic  # noqa: E402
+from custom.files import write_atomic  # noqa: E402
 from custom.metrics import instance_metrics  # noqa: E402
 from custom.networks import check_sigmoid_slope  # noqa: E402
 from custom.postprocess import DEFAULT_OTSU_RANGE, OTSU, attention_to_instances  # noqa: E402

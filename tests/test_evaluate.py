@@ -404,7 +404,23 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
     assert some.returncode == 0, some.stderr
     assert sum("run training" in line for line in some.stdout.splitlines()) == 2
     assert "--method old " in some.stdout and "--tta false" not in some.stdout
-    for args, extra, message in [(("0",), {}, "ITERATIONS=0"), (("5", str(tmp_path / "none.pt")), {}, "none.pt: not found"),
+    replica = study("3", str(reference), VARIANTS="control minus_smooth", SEED="1")
+    assert replica.returncode == 0, replica.stderr
+    lines = replica.stdout.splitlines()
+    assert [line.split("--output_dir ")[1].split()[0] for line in lines if "run training" in line] == [
+        f"{tmp_path}/runs/b3_control_s1", f"{tmp_path}/runs/b3_minus_smooth_s1"]
+    assert all("--seed 1 " in line for line in lines if "run training" in line)
+    assert [line.split("--eval_dir ")[1].split()[0] for line in lines if "run evaluating" in line] == [
+        f"bundle/eval/budget3_{p}_postprocess/replicas/{n}_s1" for n in ("control", "minus_smooth") for p in ("paper", "reference")]
+    assert "--method reference " not in replica.stdout  # the reference is a row of seed 0 already
+    for args, extra, message in [(("0",), {}, "ITERATIONS=0"), (("5", str(reference)), {"SEED": "one"}, "SEED=one"), (("5", str(tmp_path / "none.pt")), {}, "none.pt: not found"),
                                  (("5", str(reference)), {"VARIANTS": "minus_foo"}, "minus_foo is neither control")]:
         bad = study(*args, **extra)
         assert bad.returncode == 2 and message in bad.stderr and "run training" not in bad.stdout
+    # a reference model without tuned post-processing is refused before anything is trained (real python)
+    from custom.networks import AttentionNet, save_attention_network
+
+    untuned = save_attention_network(AttentionNet(width=4), tmp_path / "untuned.pt")
+    bad = study("5", str(untuned), PYTHON=sys.executable)
+    assert bad.returncode == 2 and "REFERENCE_MODEL: " in bad.stderr and "stores no tuned post-processing" in bad.stderr
+    assert not (tmp_path / "runs" / "b5_control").exists() and "Traceback" not in bad.stderr

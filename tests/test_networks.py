@@ -302,6 +302,26 @@ def test_extra_state_survives_save_and_load(tmp_path):
     assert h.stain_target == STAIN_TARGET and h.postprocess == f.postprocess and h.stain_settings == settings
 
 
+def test_stored_postprocess_reads_the_tuned_values_or_says_how_to_tune(tmp_path):
+    from custom.networks import save_attention_network, stored_postprocess
+
+    f = AttentionNet(**SMALL)
+    untuned = save_attention_network(f, tmp_path / "untuned.pt")
+    with pytest.raises(ValueError, match=r"untuned\.pt: stores no tuned post-processing; run scripts/tune_postprocess\.py"):
+        stored_postprocess(untuned)
+    f.postprocess = {"threshold": "otsu", "sigma": 2.0, "sharpness": 1.0, "tuned_on": {"split": "val", "n_images": 11}}
+    tuned = save_attention_network(f, tmp_path / "tuned.pt")
+    assert stored_postprocess(tuned) == f.postprocess
+    model = ScaleAttentionModel(f, scale_classifier(), channels_last=False)  # a training checkpoint carries it too
+    torch.save({"network": model.state_dict()}, tmp_path / "ckpt.pt")
+    assert stored_postprocess(tmp_path / "ckpt.pt") == f.postprocess
+    (tmp_path / "broken.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="broken.pt: not a readable PyTorch checkpoint"):
+        stored_postprocess(tmp_path / "broken.pt")
+    with pytest.raises(FileNotFoundError, match="none.pt: no such file"):
+        stored_postprocess(tmp_path / "none.pt")
+
+
 def test_stored_prior_gain_wins_and_another_prior_is_refused(tmp_path):
     from custom.networks import LEGACY_STAIN_PRIOR_GAIN, load_attention_weights, save_attention_network
 
