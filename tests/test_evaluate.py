@@ -255,14 +255,24 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
     page.write_text("no markers")
     proc = run_script("results_table.py", "--into", str(page))
     assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
-    # every other named block (an archived recipe, a budget study) holds the rows of bundle/eval/<block>/;
-    # the plain-Reinhard recipe's seed table is in the seed block
+    # every other named block (an archived recipe, a budget study) holds the rows of bundle/eval/<block>/, a block
+    # <root>_seeds the seed table of bundle/eval/<root>/replicas; the plain-Reinhard recipe's seed table is in the seed block
     for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
         text = doc.read_text()
         names = re.findall(r"<!-- ([A-Za-z0-9_ -]+) table: generated -->", text)
         assert "plain_reinhard_recipe" in names, f"{doc}: the archived plain-Reinhard recipe's block is missing"
         for name in names:
             if name in ("results", "seed"):
+                continue
+            if name.endswith("_seeds"):
+                archive = REPO / "bundle" / "eval" / name[: -len("_seeds")]
+                groups = module.seed_groups(archive)
+                assert groups, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/replicas/*/summary.json"
+                start, end = module.markers(name)
+                block = text[text.index(start) + len(start): text.index(end)].strip()
+                assert block == module.seed_table(groups), (
+                    f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
+                    f"--block {name} --into {doc.relative_to(REPO)}")
                 continue
             archive = REPO / "bundle" / "eval" / name
             old = module.load_summaries(sorted(archive.glob("*/summary.json")))
