@@ -35,7 +35,9 @@ __all__ = [
     "ScaleAttentionModel",
     "autocast_context",
     "fast_bf16",
+    "PRECISION_MODES",
     "load_attention_weights",
+    "precision_modes",
     "resolve_amp_dtype",
     "save_attention_network",
     "stored_postprocess",
@@ -82,6 +84,28 @@ def fast_bf16(device: torch.device | str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _cpu_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# benchmark settings by name: (amp_dtype, channels_last), as scripts/bench_train.py and bench_infer.py time them
+PRECISION_MODES = {"fp32": (None, False), "fp32 + channels_last": (None, True), "bf16 + channels_last": ("bfloat16", True)}
+
+
+def precision_modes(modes) -> list[tuple[str, str | None, bool]]:
+    """``[(name, amp_dtype, channels_last)]`` for names of :data:`PRECISION_MODES`, in the given order.
+
+    Args:
+        modes: one name or a sequence of names; spaces are ignored ("fp32+channels_last" works).
+
+    Raises:
+        ValueError: naming the unknown modes and the known ones.
+    """
+    names = [modes] if isinstance(modes, str) else list(modes)
+    canonical = {k.replace(" ", ""): k for k in PRECISION_MODES}
+    unknown = [m for m in names if not isinstance(m, str) or m.replace(" ", "") not in canonical]
+    if unknown or not names:
+        raise ValueError(f"modes {unknown or names}: unknown or none; choose from {list(PRECISION_MODES)}.")
+    chosen = [canonical[m.replace(" ", "")] for m in names]
+    return [(k, *PRECISION_MODES[k]) for k in chosen]
 
 
 def resolve_amp_dtype(device: torch.device | str, amp_dtype: str | None) -> str | None:

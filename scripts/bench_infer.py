@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom.inference import TiledAttentionInferer  # noqa: E402
-from custom.networks import AUTO_AMP, load_attention_weights, resolve_amp_dtype  # noqa: E402
+from custom.networks import AUTO_AMP, PRECISION_MODES, load_attention_weights, precision_modes, resolve_amp_dtype  # noqa: E402
 from custom.postprocess import attention_to_instances  # noqa: E402
 
 
@@ -44,11 +44,8 @@ def _image(size: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(((np.clip(rgb, 0, 1) - mean) / std).transpose(2, 0, 1).copy())[None]
 
 
-MODES = {"fp32": (None, False), "fp32 + channels_last": (None, True), "bf16 + channels_last": ("bfloat16", True)}
-
-
 def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, roi: int = 1024, repeats: int = 2,
-         threads: int | None = None, device: str = "cpu", modes=tuple(MODES), **overrides) -> None:
+         threads: int | None = None, device: str = "cpu", modes=tuple(PRECISION_MODES), **overrides) -> None:
     """Print a table of seconds per image and megapixels per second.
 
     Args:
@@ -58,13 +55,13 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
         repeats: timed runs per setting (after one warm-up); the best is reported.
         threads: torch threads (default: torch's choice).
         device: "cpu" or "cuda" (the network and image go there; post-processing stays on the CPU).
-        modes: which of ``MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
+        modes: which of ``custom.networks.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
         overrides: train.json keys for the architecture, e.g. ``--width 64``.
     """
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"--modes {unknown}: unknown; choose from {list(MODES)}.")
+    try:
+        chosen = precision_modes(modes)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     from monai.bundle import ConfigParser
 
     if threads:
@@ -90,8 +87,7 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     print(f"amp_dtype {AUTO_AMP!r} picks {resolve_amp_dtype(device, AUTO_AMP) or 'float32'} on this device")
     print("| precision | TTA | network s/image | network MP/s | + post-processing s/image | + post-processing MP/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name in modes:
-        amp, cl = MODES[name]
+    for name, amp, cl in chosen:
         for tta in (False, True):
             inferer = TiledAttentionInferer(roi_size=roi, tta=tta, amp_dtype=amp, channels_last=cl, sharpness=sharpness)
             inferer(x, net)  # warm-up

@@ -21,13 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from custom.losses import ScaleAttentionLoss
-from custom.networks import AUTO_AMP, AttentionNet, ScaleAttentionModel, resolve_amp_dtype, scale_classifier
-
-MODES = {"fp32": (None, False), "fp32+channels_last": (None, True), "bf16+channels_last": ("bfloat16", True)}
+from custom.networks import AUTO_AMP, PRECISION_MODES, AttentionNet, ScaleAttentionModel, precision_modes, resolve_amp_dtype, scale_classifier
 
 
 def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iterations: int = 3, warmup: int = 1,
-          device: str | None = None, threads: int | None = None, modes=tuple(MODES)) -> None:
+          device: str | None = None, threads: int | None = None, modes=tuple(PRECISION_MODES)) -> None:
     """Time training steps and print one row per (width, mode).
 
     Args:
@@ -37,12 +35,12 @@ def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iteration
         iterations: timed steps per setting (after ``warmup`` untimed ones).
         device: "cpu" or "cuda" (default: cuda when present).
         threads: torch CPU threads (default: torch's choice).
-        modes: which of ``MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
+        modes: which of ``custom.networks.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
     """
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"--modes {unknown}: unknown; choose from {list(MODES)}.")
+    try:
+        chosen = precision_modes(modes)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     if threads:
         torch.set_num_threads(int(threads))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -51,8 +49,7 @@ def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iteration
     print(f"amp_dtype {AUTO_AMP!r} picks {resolve_amp_dtype(dev, AUTO_AMP) or 'float32'} on this device")
     print(f"{'width':>5}  {'mode':<20} {'s/batch':>8} {'images/s':>9}")
     for width in widths:
-        for mode in modes:
-            amp, channels_last = MODES[mode]
+        for mode, amp, channels_last in chosen:
             torch.manual_seed(0)
             model = ScaleAttentionModel(AttentionNet(width=width), scale_classifier(), amp_dtype=amp, channels_last=channels_last)
             model = model.to(dev).train()

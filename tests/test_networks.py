@@ -302,6 +302,18 @@ def test_extra_state_survives_save_and_load(tmp_path):
     assert h.stain_target == STAIN_TARGET and h.postprocess == f.postprocess and h.stain_settings == settings
 
 
+def test_precision_modes_by_name_in_order_spaces_ignored():
+    from custom.networks import PRECISION_MODES, precision_modes
+
+    assert precision_modes("fp32") == [("fp32", None, False)]
+    assert precision_modes(["bf16+channels_last", "fp32 + channels_last"]) == [
+        ("bf16 + channels_last", "bfloat16", True), ("fp32 + channels_last", None, True)]
+    assert [m[0] for m in precision_modes(tuple(PRECISION_MODES))] == list(PRECISION_MODES)
+    for bad in (["fp16"], [], [3]):
+        with pytest.raises(ValueError, match="choose from"):
+            precision_modes(bad)
+
+
 def test_stored_postprocess_reads_the_tuned_values_or_says_how_to_tune(tmp_path):
     from custom.networks import save_attention_network, stored_postprocess
 
