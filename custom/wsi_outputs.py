@@ -33,7 +33,8 @@ from ignite.engine import Engine, Events
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from custom.handlers import _items, write_atomic
+from custom.files import write_atomic
+from custom.handlers import _items
 from custom.nuclei import GeoJSONWriter, NucleusCSVWriter, instance_polygons, nucleus_feature, nucleus_measurements
 from custom.postprocess import attention_to_instances, keep_centred
 from custom.wsi import Slide, SlideError

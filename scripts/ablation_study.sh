@@ -41,13 +41,14 @@ mkdir -p "$RUNS_ROOT"
 # the reference model's tuned post-processing as an evaluation override (eval#tuned)
 pp=$RUNS_ROOT/budget${N}_reference_postprocess.json
 $PY -c "import json, sys
+from custom.files import write_atomic
 from custom.networks import stored_postprocess
 try:
     pp = stored_postprocess(sys.argv[1])
 except (OSError, ValueError) as e:
     print(f'REFERENCE_MODEL: {e}', file=sys.stderr)
     sys.exit(2)
-json.dump({'eval#tuned': pp}, open(sys.argv[2], 'w'), indent=1)" "$REFERENCE" "$pp"
+write_atomic(sys.argv[2], lambda tmp: tmp.write_text(json.dumps({'eval#tuned': pp}, indent=1)))" "$REFERENCE" "$pp"
 # shellcheck source=scripts/bundle_evaluate.sh
 . "$(dirname "$0")/bundle_evaluate.sh"
 evaluate() {  # evaluate NAME CHECKPOINT (into [replicas/]NAME): with the paper's post-processing, then with the reference model's

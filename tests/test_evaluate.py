@@ -244,10 +244,14 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
     summaries = module.load_summaries(sorted((REPO / "bundle" / "eval").glob("*/summary.json")))
     summaries.sort(key=lambda s: -module._aji_key(s))
     expected = module.table(summaries)
+
+    def block(text: str, name: str) -> str:
+        start, end = module.markers(name)
+        return text[text.index(start) + len(start): text.index(end)].strip()
+
     for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
         text = doc.read_text()
-        block = text[text.index(module.START) + len(module.START): text.index(module.END)].strip()
-        assert block == expected, f"{doc}: run python scripts/results_table.py --into {doc.relative_to(REPO)}"
+        assert block(text, "results") == expected, f"{doc}: run python scripts/results_table.py --into {doc.relative_to(REPO)}"
     page = tmp_path / "page.md"
     page.write_text(f"intro\n{module.START}\nold\n{module.END}\nrest\n")
     proc = run_script("results_table.py", *(str(p) for p in sorted((REPO / "bundle" / "eval").glob("*/summary.json"))), "--into", str(page))
@@ -268,9 +272,7 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
                 archive = REPO / "bundle" / "eval" / name[: -len("_seeds")]
                 groups = module.seed_groups(archive)
                 assert groups, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/replicas/*/summary.json"
-                start, end = module.markers(name)
-                block = text[text.index(start) + len(start): text.index(end)].strip()
-                assert block == module.seed_table(groups), (
+                assert block(text, name) == module.seed_table(groups), (
                     f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
                     f"--block {name} --into {doc.relative_to(REPO)}")
                 continue
@@ -278,15 +280,12 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
             old = module.load_summaries(sorted(archive.glob("*/summary.json")))
             assert old, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/*/summary.json"
             old.sort(key=lambda s: -module._aji_key(s))
-            old_start, old_end = module.markers(name)
-            block = text[text.index(old_start) + len(old_start): text.index(old_end)].strip()
-            assert block == module.table(old, paper=False), (
+            assert block(text, name) == module.table(old, paper=False), (
                 f"{doc}: run python scripts/results_table.py --eval_root {archive.relative_to(REPO)} --paper false "
                 f"--block {name} --into {doc.relative_to(REPO)}")
         archive = REPO / "bundle" / "eval" / "plain_reinhard_recipe"
         seeds = module.seed_table(module.seed_groups(archive))
-        block = text[text.index(module.SEED_START) + len(module.SEED_START): text.index(module.SEED_END)].strip()
-        assert block == seeds, (f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
+        assert block(text, "seed") == seeds, (f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
                                 f"--into {doc.relative_to(REPO)}")
 
 
