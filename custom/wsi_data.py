@@ -38,7 +38,7 @@ from custom.wsi import (
     MagnificationUnavailable, Slide, SlideError, SlideNotFoundError, TissueParams, list_slides, magnification_to_mpp, tissue_mask,
 )
 
-__all__ = ["SlideWindowDataset", "WSITileDataset", "tile_coverage"]
+__all__ = ["SlideWindowDataset", "WSITileDataset", "slide_stain_stats", "tile_coverage"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,52 @@ def tile_coverage(mask: np.ndarray, factor: float, boxes: np.ndarray) -> np.ndar
     x1 = np.clip(np.maximum(np.round(b[:, 3]), x0 + 1), 1, w).astype(int)
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return total / ((y1 - y0) * (x1 - x0))
+
+
+def slide_stain_stats(slide: Slide, target_mpp: float, box: Sequence[int] | None = None, mask: np.ndarray | None = None,
+                      factor: float | None = None, regions: int = 8, region_size: int = 512,
+                      brightness_percentile: float | None = 90.0, allow_upsample: bool = True) -> np.ndarray:
+    """Reinhard source statistics of a slide (:func:`custom.transforms.reinhard_source_stats`), pooled
+    over up to ``regions`` regions of ``region_size`` analysis pixels.
+
+    The regions lie on a fixed grid over ``box``; with a tissue ``mask``, only the most
+    tissue-covered ones are candidates (at least 90 % of the best coverage: glass would skew the
+    statistics), and ``regions`` of them are picked spread evenly. The choice depends neither on
+    the window size nor on any requested region, so every window layout (and every MONAI Label
+    tile, see :class:`custom.regions.LoadRegiond`) normalises a slide alike; an image no larger
+    than ``region_size`` is one region, which gives per-image normalisation exactly.
+
+    Args:
+        slide: an open :class:`custom.wsi.Slide`.
+        target_mpp: analysis pixel size (um/px).
+        box: ``(y0, x0, y1, x1)`` analysis pixels to draw from (None: the whole slide).
+        mask, factor: a tissue mask and its level-0 pixels per mask pixel (:func:`custom.wsi.tissue_mask`),
+            or None for no tissue selection.
+        regions: how many regions to pool (>= 1).
+        region_size: their side in analysis pixels (>= 16).
+        brightness_percentile: as in stain normalisation.
+        allow_upsample: enlarge a slide coarser than ``target_mpp``.
+
+    Returns:
+        ``(7,)`` float64: white level, 3 LAB means, 3 LAB stds. Raises ValueError when the mask
+        covers none of the grid's regions (a slide without tissue).
+    """
+    if int(regions) < 1 or int(region_size) < 16:
+        raise ValueError(f"stain regions must be >= 1 and their size >= 16 pixels, got {regions!r} and {region_size!r}.")
+    y0, x0, y1, x1 = (0, 0, *slide.size_at(target_mpp)) if box is None else (int(v) for v in box)
+    size = int(region_size)
+    grid = [(ry, rx, min(ry + size, y1), min(rx + size, x1)) for ry in range(y0, y1, size) for rx in range(x0, x1, size)]
+    if mask is not None:
+        cover = tile_coverage(mask, factor, np.asarray(grid, dtype=np.float64) * slide.scale_to_level0(target_mpp))
+        grid = [r for r, v in zip(grid, cover) if v >= 0.9 * cover.max() and v > 0]
+    if not grid:
+        raise ValueError(f"{slide.path}: no tissue in the stain regions of {size} pixels: no colour statistics.")
+    picks = np.unique(np.linspace(0, len(grid) - 1, min(int(regions), len(grid))).round().astype(int))
+    pixels = []
+    for i in picks:
+        ry0, rx0, ry1, rx1 = grid[i]
+        pixels.append(np.moveaxis(slide.read((ry0, rx0), (ry1 - ry0, rx1 - rx0), target_mpp, allow_upsample), 0, -1))
+    return reinhard_source_stats(pixels, brightness_percentile)
 
 
 class _SlideCache:
@@ -256,7 +302,8 @@ class SlideWindowDataset(Dataset):
     Items::
 
         image  uint8 (3, h, w)   the region, RGB at the analysis magnification
-        stain  float64 (7,)      the slide's Reinhard source statistics (same for all its windows)
+        stain  float64 (7,)      the slide's Reinhard source statistics (same for all its windows; absent
+                                 with ``stain_regions`` 0, where each window is normalised by its own colours)
         box    int64 (4,)        region (y, x, h, w) in analysis pixels
         valid  int64 (4,)        core + halo inside the region (y0, x0, y1, x1): where the attention is exact
         core   int64 (4,)        the core inside the region (y0, x0, y1, x1): nuclei centred here belong to this window
@@ -277,7 +324,8 @@ class SlideWindowDataset(Dataset):
         tissue: :class:`custom.wsi.TissueParams` fields, or None.
         use_tissue_mask: False: every window of the slide (plain images, tissue microarrays).
         roi: None, or a level-0 box ``[y, x, h, w]`` to analyse instead of the whole slide.
-        stain_regions: number of tissue regions pooled for each slide's colour statistics.
+        stain_regions: number of tissue regions pooled for each slide's colour statistics
+            (:func:`slide_stain_stats`); 0: none, each window is normalised by its own colours.
         stain_region_size: their size in analysis pixels.
         brightness_percentile: as in stain normalisation.
         exclude: slide names to leave out (e.g. those whose outputs are complete).
@@ -306,7 +354,8 @@ class SlideWindowDataset(Dataset):
         world_size: int = 1,
         transform: Callable | None = None,
     ):
-        for name, v, lo in (("window", window, 16), ("halo", halo, 0), ("context", context, 0), ("stain_region_size", stain_region_size, 16)):
+        for name, v, lo in (("window", window, 16), ("halo", halo, 0), ("context", context, 0), ("stain_region_size", stain_region_size, 16),
+                            ("stain_regions", stain_regions, 0)):
             if int(v) < lo:
                 raise ValueError(f"{name} must be >= {lo} pixels, got {v!r}.")
         self.target_mpp = magnification_to_mpp(magnification)
@@ -396,7 +445,10 @@ class SlideWindowDataset(Dataset):
                 "(e.g. --tissue#min_saturation 0.03) or pass --use_tissue_mask False.")
             logger.warning("%s: %s", path, warnings[-1])
         # everything that can fail is done: add the slide
-        stain = self._stain_stats(slide, (y0, x0, y1, x1), mask, factor, stain_regions, stain_size) if cores else np.full(7, np.nan)
+        stain = None  # stain_regions 0: each window is normalised by its own colours
+        if stain_regions:
+            stain = slide_stain_stats(slide, self.target_mpp, (y0, x0, y1, x1), mask, factor, stain_regions, stain_size,
+                                      self.brightness_percentile, self.allow_upsample) if cores else np.full(7, np.nan)
         for wi, c in enumerate(cores):
             self.windows.append((si, wi, *c))
         self.stain.append(stain)
@@ -406,24 +458,6 @@ class SlideWindowDataset(Dataset):
             "magnification": self.magnification, "analysis_mpp": self.target_mpp, "scale_to_level0": f,
             "analysis_shape": [h, w], "roi": self.roi, "tissue_mm2": tissue_mm2, "num_windows": len(cores), "warnings": warnings,
         })
-
-    def _stain_stats(self, slide: Slide, box: tuple, mask, factor, n: int, size: int) -> np.ndarray:
-        """Reinhard source statistics of a slide, pooled over up to ``n`` regions of ``size``
-        pixels on a fixed grid over ``box`` (analysis pixels), the most tissue-covered ones
-        (glass would skew them), spread evenly. The choice does not depend on the window
-        size, so every window layout normalises a slide alike; an image no larger than
-        ``size`` is one region, which gives per-image normalisation exactly."""
-        y0, x0, y1, x1 = box
-        regions = [(ry, rx, min(ry + size, y1), min(rx + size, x1)) for ry in range(y0, y1, size) for rx in range(x0, x1, size)]
-        if mask is not None:
-            cover = tile_coverage(mask, factor, np.asarray(regions, dtype=np.float64) * slide.scale_to_level0(self.target_mpp))
-            regions = [r for r, v in zip(regions, cover) if v >= 0.9 * cover.max() and v > 0]
-        picks = np.unique(np.linspace(0, len(regions) - 1, min(n, len(regions))).round().astype(int))
-        pixels = []
-        for i in picks:
-            ry0, rx0, ry1, rx1 = regions[i]
-            pixels.append(np.moveaxis(slide.read((ry0, rx0), (ry1 - ry0, rx1 - rx0), self.target_mpp, self.allow_upsample), 0, -1))
-        return reinhard_source_stats(pixels, self.brightness_percentile)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -440,11 +474,12 @@ class SlideWindowDataset(Dataset):
         image = slide.read((ry0, rx0), (ry1 - ry0, rx1 - rx0), self.target_mpp, self.allow_upsample)
         item = {
             "image": image,
-            "stain": self.stain[si],
             "box": np.array([ry0, rx0, ry1 - ry0, rx1 - rx0], np.int64),
             "valid": np.array([vy0, vx0, vy1, vx1], np.int64),
             "core": np.array([cy0 - ry0, cx0 - rx0, cy1 - ry0, cx1 - rx0], np.int64),
             "slide": si,
             "window": wi,
         }
+        if self.stain[si] is not None:
+            item["stain"] = self.stain[si]
         return self.transform(item) if self.transform is not None else item
