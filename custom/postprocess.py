@@ -9,7 +9,10 @@ The authors' pipeline (their ``post.py``), in order:
 2. binary opening disk(2), closing disk(2), opening disk(1), closing disk(1);
 3. Euclidean distance transform of ``seg``, Gaussian blur (sigma 1);
 4. markers: local maxima of the blurred distance with a disk(7) footprint inside
-   the mask (``skimage.feature.peak_local_max``), connected maxima labelled together;
+   the mask (``skimage.feature.peak_local_max``), connected maxima labelled together
+   (here optionally only the h-maxima of the distance that hold such a maximum,
+   ``marker_h``: a top that rises less than ``marker_h`` pixels above the saddle to a
+   higher top is a bump of one nucleus' outline, not a nucleus of its own);
 5. marker-controlled watershed of the negated blurred distance, restricted to ``seg``;
 6. optionally, instances smaller than ``min_size`` pixels removed.
 
@@ -38,7 +41,7 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_local, threshold_otsu
-from skimage.morphology import disk
+from skimage.morphology import disk, local_maxima, reconstruction
 from skimage.segmentation import watershed
 
 from custom.config import flag
@@ -87,6 +90,13 @@ def _check_attention_sigma(attention_sigma) -> float:
         raise ValueError(f"attention_sigma (Gaussian blur of the attention before the threshold, pixels) must be a finite number >= 0, "
                          f"got {attention_sigma!r}.")
     return float(attention_sigma)
+
+
+def _check_marker_h(marker_h) -> float:
+    if isinstance(marker_h, bool) or not isinstance(marker_h, (int, float, np.number)) or not np.isfinite(marker_h) or marker_h < 0:
+        raise ValueError(f"marker_h (least height of a marker's top above its saddle in the distance map, pixels) must be a finite "
+                         f"number >= 0 (0: off), got {marker_h!r}.")
+    return float(marker_h)
 
 
 def _check_local(local_block_size, local_offset) -> tuple[int, float]:
@@ -217,6 +227,7 @@ def mask_to_instances(
     footprint_radius: int = 7,
     min_size: int = 0,
     fill_unmarked: bool = True,
+    marker_h: float = 0.0,
 ) -> np.ndarray:
     """Split a binary foreground mask into instances (steps 2-6 of the pipeline).
 
@@ -228,11 +239,18 @@ def mask_to_instances(
         footprint_radius: radius (pixels) of the disk in which a marker must be the maximum.
         min_size: instances with fewer pixels are removed (0: keep all).
         fill_unmarked: keep a mask component without any marker as one instance.
+        marker_h: 0 (the paper) or a height in pixels of the (blurred) distance: the markers are
+            the h-maxima of the distance (its tops that rise at least ``marker_h`` above the
+            saddle to any higher top; tops joined above that depth are one connected region:
+            the regional maxima of the distance lowered by ``marker_h`` and reconstructed under
+            it by dilation) that hold at least one footprint maximum, so that maxima of one
+            nucleus split only by a shallow dip of its outline make one marker.
 
     Returns:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
     radii = _check_params(morphology_radii, sigma, footprint_radius, min_size)
+    marker_h = _check_marker_h(marker_h)
     seg = _to_2d(mask, "mask") != 0
     for r in radii:
         if r > 0:
@@ -247,6 +265,15 @@ def mask_to_instances(
     peaks = np.zeros(seg.shape, dtype=bool)
     peaks[tuple(coords.T)] = True
     markers, n_markers = ndimage.label(peaks, structure=_EIGHT_CONNECTED)  # a flat maximum gives one marker
+    if marker_h > 0 and n_markers:
+        # the tops of the distance that rise >= marker_h above their saddle: the regional maxima
+        # (flat, each one connected region) of the distance lowered by marker_h and reconstructed under it
+        lowered = reconstruction(distance - marker_h, distance, method="dilation", footprint=_EIGHT_CONNECTED)
+        tops, n_tops = ndimage.label(local_maxima(lowered, connectivity=2, allow_borders=True) & seg, structure=_EIGHT_CONNECTED)
+        held = np.zeros(n_tops + 1, dtype=bool)
+        held[tops[peaks]] = True
+        held[0] = False
+        markers, n_markers = ndimage.label(held[tops], structure=_EIGHT_CONNECTED)
     labels = watershed(-distance, markers, mask=seg) if n_markers else np.zeros(seg.shape, dtype=np.int32)
     if fill_unmarked:
         orphans, n_orphans = ndimage.label(seg & (labels == 0), structure=_EIGHT_CONNECTED)
@@ -267,6 +294,7 @@ def attention_to_instances(
     attention_sigma: float = 0.0,
     local_block_size: int = 0,
     local_offset: float = 0.0,
+    marker_h: float = 0.0,
 ) -> np.ndarray:
     """Nucleus instances from an attention map: ``A > threshold``, then :func:`mask_to_instances`.
 
@@ -274,7 +302,7 @@ def attention_to_instances(
         attention: ``(H, W)`` or ``(1, H, W)`` float map in [0, 1], numpy or torch.
         threshold: foreground is ``attention > threshold``, in [0, 1] (paper: 0.5), or
             ``"otsu"``: a threshold per map (:func:`otsu_threshold`, for soft maps).
-        morphology_radii, sigma, footprint_radius, min_size, fill_unmarked: see :func:`mask_to_instances`.
+        morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h: see :func:`mask_to_instances`.
         otsu_range: bounds of the ``"otsu"`` threshold (attention units); unused otherwise.
         attention_sigma: standard deviation (pixels) of a Gaussian blur of the attention before
             the threshold (0: none, the paper), as the hematoxylin baseline blurs its map.
@@ -288,6 +316,7 @@ def attention_to_instances(
     lo, hi = _check_threshold(threshold, otsu_range)
     local_block_size, local_offset = _check_local(local_block_size, local_offset)
     _check_params(morphology_radii, sigma, footprint_radius, min_size)
+    _check_marker_h(marker_h)
     attention_sigma = _check_attention_sigma(attention_sigma)
     arr = _to_2d(attention, "attention")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -301,7 +330,7 @@ def attention_to_instances(
     mask = arr > threshold
     if local_block_size:
         mask &= _local_mask(arr, local_block_size, local_offset)
-    return mask_to_instances(mask, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked)
+    return mask_to_instances(mask, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h)
 
 
 def keep_centred(labels: np.ndarray, core: Sequence[int], max_size: int = 0) -> np.ndarray:
@@ -363,6 +392,7 @@ class AttentionToInstances(Transform):
         attention_sigma: float = 0.0,
         local_block_size: int = 0,
         local_offset: float = 0.0,
+        marker_h: float = 0.0,
     ):
         lo, hi = _check_threshold(threshold, otsu_range)
         block, offset = _check_local(local_block_size, local_offset)
@@ -377,6 +407,7 @@ class AttentionToInstances(Transform):
             "footprint_radius": footprint_radius,
             "min_size": min_size,
             "fill_unmarked": flag(fill_unmarked, "fill_unmarked"),
+            "marker_h": _check_marker_h(marker_h),
         }
 
     def __call__(self, img):
@@ -397,7 +428,7 @@ class AttentionToInstancesd(MapTransform):
         suffix: appended to each key when ``output_key`` is None.
         allow_missing_keys: skip absent keys.
         threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range, attention_sigma,
-            local_block_size, local_offset: see :func:`attention_to_instances`.
+            local_block_size, local_offset, marker_h: see :func:`attention_to_instances`.
     """
 
     def __init__(
@@ -415,6 +446,7 @@ class AttentionToInstancesd(MapTransform):
         attention_sigma: float = 0.0,
         local_block_size: int = 0,
         local_offset: float = 0.0,
+        marker_h: float = 0.0,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -424,7 +456,7 @@ class AttentionToInstancesd(MapTransform):
             raise ValueError("suffix must be non-empty when output_key is None (it would overwrite the attention).")
         self.output_key, self.suffix = output_key, suffix
         self.transform = AttentionToInstances(threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range,
-                                              attention_sigma, local_block_size, local_offset)
+                                              attention_sigma, local_block_size, local_offset, marker_h)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

@@ -76,7 +76,7 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     pp = dict(getattr(net, "postprocess", {}) or {})
     sharpness = pp.get("sharpness")
     pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size", "otsu_range", "attention_sigma",
-             "local_block_size", "local_offset")
+             "local_block_size", "local_offset", "marker_h")
           if k in pp}
     x = _image(size).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

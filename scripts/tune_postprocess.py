@@ -3,7 +3,8 @@
 The attention maps of the chosen images are computed once with the evaluation
 workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
 then the threshold (a number, or ``"otsu"``: one per image), the blur of the attention
-before it, the local threshold (neighbourhood and offset; block 0: none), the marker footprint radius, the blur of the distance map and the minimum
+before it, the local threshold (neighbourhood and offset; block 0: none), the marker footprint radius and least
+height (``marker_h``, 0: none), the blur of the distance map and the minimum
 size are searched by coordinate ascent on mean AJI (the authors' definition), starting
 from the paper's values. ``--sharpness`` sets the slope of the
 sigmoid the maps are computed with (default: the network's own; about 1 gives the soft
@@ -51,6 +52,7 @@ GRID = {
     "local_block_size": [0, 51, 75, 101, 151, 201],
     "local_offset": [0.0, 0.02, 0.05, 0.08, 0.12],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
+    "marker_h": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
     "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
     "min_size": [0, 10, 20, 40, 80, 120, 160],
 }
@@ -100,6 +102,7 @@ def main(
     write_model: bool = False,
     train_split: str = "train",
     sharpness: float | None = None,
+    start: str = "paper",
 ):
     """Search the post-processing parameters on ``split`` of ``dataset_dir``.
 
@@ -119,12 +122,18 @@ def main(
         train_split: the split whose images define the stain target if the model lacks one.
         sharpness: slope of the attention sigmoid for the maps (the inferer's ``sharpness``; None:
             the network's ``r``); stored with the tuned values, so evaluation and inference use it.
+        start: where the coordinate ascent starts: "paper" (the paper's values, no blur, no local
+            threshold, no marker height) or "stored" (the values stored in the model file, e.g. to
+            re-tune after a parameter was added; only for the model). The search finds a local
+            optimum, so the two starts can end at different values.
     """
     try:
         slope = check_sigmoid_slope(sharpness, "sharpness")
     except ValueError as e:
         raise SystemExit(f"--sharpness {sharpness!r}: {e} Omit it for the network's own slope.") from None
     sharpness = slope
+    if start not in ("paper", "stored") or (start == "stored" and method != "model"):
+        raise SystemExit(f"--start {start!r}: 'paper', or 'stored' (the model file's tuned values; only with --method model).")
     if split in FORBIDDEN_SPLITS:
         raise SystemExit(f"split={split!r}: tuning on test labels is not allowed; tune on the validation split.")
     files = [str(CONFIGS / "train.json"), *([str(config)] if config else []), str(CONFIGS / "evaluate.json")]
@@ -148,10 +157,17 @@ def main(
         _ensure_stain_target(parser, model_path, dataset_dir, train_split)
     maps, network = attention_maps(parser)
 
-    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0, local_block_size=0, local_offset=0.0)  # otsu_range: not searched
+    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0, local_block_size=0, local_offset=0.0,
+                marker_h=0.0)  # otsu_range: not searched
+    if start == "stored":
+        stored = dict(getattr(network, "postprocess", {}) or {})
+        if not stored:
+            raise SystemExit(f"--start stored: {model_path} stores no tuned post-processing; use --start paper.")
+        best.update({k: v for k, v in stored.items() if k in best})
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
         best_score = pool.submit(_score, best).result()
-        print(f"paper's parameters: AJI {best_score:.4f}", flush=True)
+        origin = "the stored values" if start == "stored" else "the paper's values"
+        print(f"start ({origin} {best}): AJI {best_score:.4f}", flush=True)
         start = best_score
         for r in range(rounds):
             changed = False

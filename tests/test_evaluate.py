@@ -76,7 +76,8 @@ def test_baseline_evaluation_writes_reports_and_overlays(tmp_path, dataset):
 
 
 def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
-    tuned = {"threshold": 0.6, "sigma": 0.5, "footprint_radius": 5, "min_size": 3, "local_block_size": 31, "local_offset": 0.02}
+    tuned = {"threshold": 0.6, "sigma": 0.5, "footprint_radius": 5, "min_size": 3, "local_block_size": 31, "local_offset": 0.02,
+             "marker_h": 0.5}
     model = tiny_model(tmp_path / "tiny.pt", postprocess=tuned)
     # --inference_roi 64 < 96: the images are tiled
     proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",
@@ -140,6 +141,16 @@ def test_tune_postprocess_stores_sharpness_and_may_pick_otsu(tmp_path, dataset):
     assert stored["sharpness"] == 1.0 and stored["threshold"] == override["eval#postprocess_params#threshold"]
     bad = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "0", "--out_config", str(out))
     assert bad.returncode != 0 and "--sharpness 0" in bad.stdout + bad.stderr
+    # --start stored: the second search starts where the first ended (its AJI), and never ends lower
+    first = float(re.search(r"AJI [0-9.]+ -> ([0-9.]+)", proc.stdout).group(1))
+    again = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "1", "--tta", "False",
+                       "--rounds", "1", "--workers", "1", "--out_config", str(out), "--config", str(config), "--start", "stored")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "start (the stored values" in again.stdout and f"): AJI {first:.4f}" in again.stdout
+    assert float(re.search(r"AJI [0-9.]+ -> ([0-9.]+)", again.stdout).group(1)) >= first
+    baseline = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--method", "hematoxylin_otsu", "--start", "stored",
+                          "--out_config", str(tmp_path / "b.json"))
+    assert baseline.returncode != 0 and "--start 'stored'" in baseline.stdout + baseline.stderr and not (tmp_path / "b.json").exists()
 
 
 def test_model_without_stain_target_is_refused(tmp_path, dataset):

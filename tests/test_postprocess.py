@@ -128,6 +128,10 @@ def test_mask_to_instances_matches_attention_path():
         ({"local_block_size": 31.0}, "local_block_size"),
         ({"local_block_size": 31, "local_offset": float("nan")}, "local_offset"),
         ({"local_block_size": 31, "local_offset": "high"}, "local_offset"),
+        ({"marker_h": -0.5}, "marker_h"),
+        ({"marker_h": float("nan")}, "marker_h"),
+        ({"marker_h": True}, "marker_h"),
+        ({"marker_h": "deep"}, "marker_h"),
     ],
 )
 def test_invalid_parameters(kwargs, match):
@@ -142,6 +146,23 @@ def _soft_discs(background: float, nucleus: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = background + (nucleus - background) * _discs()
     return np.clip(base + rng.normal(0, 0.02, base.shape), 0, 1).astype(np.float32)
+
+
+def test_marker_h_merges_maxima_of_one_nucleus():
+    """Two discs of radius 10 whose centres are 8 px apart are one lobed nucleus: the distance
+    map has two maxima with a dip of under half a pixel between them, and the paper's markers
+    (footprint 3) cut it in two; ``marker_h`` 0.5 makes them one marker. Discs 20 px apart (a
+    dip of 4+ px) stay two at ``marker_h`` 2, and ``marker_h`` 0 is the paper's rule exactly."""
+    lobed = _discs(centres=((32, 36), (32, 44)), radius=10)
+    pair = _discs(centres=((32, 30), (32, 50)), radius=10)
+    assert attention_to_instances(lobed, footprint_radius=3).max() == 2
+    assert attention_to_instances(lobed, footprint_radius=3, marker_h=0.5).max() == 1
+    assert mask_to_instances(lobed > 0.5, footprint_radius=3, marker_h=0.5).max() == 1
+    assert attention_to_instances(pair, footprint_radius=3, marker_h=2.0).max() == 2
+    for a in (lobed, pair, _discs()):
+        assert np.array_equal(attention_to_instances(a, footprint_radius=3, marker_h=0.0), attention_to_instances(a, footprint_radius=3))
+    out = AttentionToInstancesd(keys="pred", footprint_radius=3, marker_h=0.5)({"pred": torch.from_numpy(lobed)[None]})
+    assert out["pred_instances"].shape == (1, 64, 80) and int(out["pred_instances"].max()) == 1
 
 
 def test_otsu_threshold_adapts_to_each_map():
