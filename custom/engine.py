@@ -13,7 +13,14 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ["ScaleAttentionIteration"]
+__all__ = ["NonFiniteTrainingError", "ScaleAttentionIteration"]
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """A non-finite training loss or gradient. In distributed training it is raised on every rank
+    at the same iteration (the loss check is all-reduced, the gradients are DDP's all-reduced
+    ones), so every rank may safely meet at a barrier after it (see
+    :class:`custom.handlers.NonFiniteStopBarrier`)."""
 
 
 class ScaleAttentionIteration:
@@ -27,7 +34,7 @@ class ScaleAttentionIteration:
     ``accuracy`` and, with the percentile sigmoid, ``tau`` (floats).
 
     Raises:
-        FloatingPointError: when the loss, or after backward a gradient, is NaN or infinite;
+        NonFiniteTrainingError: (a ``FloatingPointError``) when the loss, or after backward a gradient, is NaN or infinite;
             the message names the iteration and the terms (or parameters). Nothing is stepped
             with it, and the buffers that the forward pass updates in place (BatchNorm running
             statistics, the running tau, their batch counters) are put back to their values
@@ -56,10 +63,10 @@ class ScaleAttentionIteration:
             _restore(buffers, saved)
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             if finite:  # distributed: another rank's loss is not finite, so every rank stops here together
-                raise FloatingPointError(
+                raise NonFiniteTrainingError(
                     f"non-finite training loss at iteration {engine.state.iteration} on another rank; this rank's terms: {terms}."
                 )
-            raise FloatingPointError(f"non-finite training loss at iteration {engine.state.iteration}: {terms}.")
+            raise NonFiniteTrainingError(f"non-finite training loss at iteration {engine.state.iteration}: {terms}.")
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         total.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -68,7 +75,7 @@ class ScaleAttentionIteration:
             _restore(buffers, saved)
             engine.optimizer.zero_grad(set_to_none=True)
             bad = [n for n, g in named if not torch.isfinite(g).all()]
-            raise FloatingPointError(
+            raise NonFiniteTrainingError(
                 f"non-finite gradients at iteration {engine.state.iteration} (loss {float(total.detach()):.4g}) "
                 f"in {len(bad)} parameters, e.g. {bad[:3]}."
             )

@@ -34,6 +34,7 @@ __all__ = [
     "EvaluationReport",
     "EvaluatorState",
     "ExportAttentionNetwork",
+    "NonFiniteStopBarrier",
     "OverlayWriter",
     "ResumeCheckpointLoader",
     "attach_checkpoint_saver",
@@ -155,9 +156,22 @@ class BatchSamplerEpochHandler:
             self.batch_sampler.set_epoch(engine.state.epoch - 1)
 
 
+def _move_exception_handlers(engine: Engine, handlers) -> list:
+    """Detach the ``exception_raised`` callbacks of ``handlers`` that are attached to ``engine``; return them."""
+    moved = [h for h in handlers if callable(getattr(h, "exception_raised", None))
+             and engine.has_event_handler(h.exception_raised, Events.EXCEPTION_RAISED)]
+    for h in moved:
+        engine.remove_event_handler(h.exception_raised, Events.EXCEPTION_RAISED)
+    return moved
+
+
 def attach_checkpoint_saver(saver, engine: Engine, handlers=()) -> None:
     """Attach a MONAI ``CheckpointSaver`` to ``engine`` so that, with ``save_final``, it writes its
     final checkpoint when the run stops on an exception (NaN loss, Ctrl-C, a failing handler).
+
+    Its files are written atomically (to a temporary file in the same folder, then renamed): MONAI's
+    saver writes them in place, so a process killed while saving (Ctrl-C twice, torchrun stopping
+    the other ranks, a scheduler's time limit) left a truncated checkpoint that resuming cannot read.
 
     Ignite stops calling ``EXCEPTION_RAISED`` handlers at the first one that re-raises, and MONAI's
     ``StatsHandler`` (one of the trainer's ``train_handlers``, attached when the trainer is built)
@@ -169,13 +183,57 @@ def attach_checkpoint_saver(saver, engine: Engine, handlers=()) -> None:
         engine: the trainer.
         handlers: the handlers already attached to it (e.g. ``@train#handlers``).
     """
-    moved = [h for h in handlers if callable(getattr(h, "exception_raised", None))
-             and engine.has_event_handler(h.exception_raised, Events.EXCEPTION_RAISED)]
-    for h in moved:
-        engine.remove_event_handler(h.exception_raised, Events.EXCEPTION_RAISED)
+    for name in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+        checkpoint = getattr(saver, name, None)
+        if checkpoint is not None:
+            if not hasattr(checkpoint.save_handler, "_atomic"):
+                raise TypeError(f"attach_checkpoint_saver: {type(checkpoint.save_handler).__name__} has no atomic mode "
+                                "(an Ignite DiskSaver was expected); checkpoints would be written in place.")
+            checkpoint.save_handler._atomic = True
+    moved = _move_exception_handlers(engine, handlers)
     saver.attach(engine)
     for h in moved:
         engine.add_event_handler(Events.EXCEPTION_RAISED, h.exception_raised)
+
+
+class NonFiniteStopBarrier:
+    """Under DDP, keeps every rank alive when training stops on a non-finite loss or gradient
+    until rank 0 has written its final checkpoint.
+
+    :class:`custom.engine.NonFiniteTrainingError` is raised on every rank at the same iteration.
+    The ranks other than 0 have no checkpoint to write and used to exit at once; torchrun then
+    stopped rank 0, sometimes in the middle of writing ``checkpoint_final.pt``. This handler takes
+    over the engine's exception callbacks: those of ``saver`` (rank 0's ``CheckpointSaver``, which
+    saves and re-raises) and of ``handlers`` (MONAI's ``StatsHandler`` logs and re-raises). It runs
+    them in that order until one raises, as Ignite would, then, on that error only, meets the other
+    ranks at a barrier (any other exception may be on one rank alone, where a barrier would wait
+    forever), and raises.
+
+    Args:
+        engine: the trainer.
+        handlers: its handler list (e.g. ``@train#handlers``).
+        saver: the ``CheckpointSaver`` attached to it (rank 0), or None (the other ranks).
+    """
+
+    def __init__(self, engine: Engine, handlers=(), saver=None):
+        owners = ([saver] if saver is not None else []) + list(handlers)
+        self._callbacks = [h.exception_raised for h in _move_exception_handlers(engine, owners)]
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, e: BaseException) -> None:
+        import torch.distributed as dist
+
+        from custom.engine import NonFiniteTrainingError
+
+        raised = e
+        try:
+            for callback in self._callbacks:
+                callback(engine, e)
+        except BaseException as first:  # noqa: BLE001 - re-raised below, after the barrier
+            raised = first
+        if isinstance(e, NonFiniteTrainingError) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        raise raised
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

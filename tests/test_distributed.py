@@ -90,10 +90,14 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_both(tmp_path):
     """NaN pixels reach rank 1's tiles at iteration 2: both ranks stop at iteration 2 (rank 1
     names its loss, rank 0 says another rank's was not finite; without the all-reduced check
     rank 0 failed in the gradient all-reduce with Gloo's "Connection closed by peer"); rank 0's
-    checkpoint_final.pt holds the finite state after iteration 1."""
+    checkpoint_final.pt holds the finite state after iteration 1. Rank 0's final save is slowed by
+    4 s: rank 1 must wait for it (custom.handlers.NonFiniteStopBarrier), or torchrun stops rank 0
+    when rank 1 exits, before the checkpoint is written."""
     nan_on_rank1 = {"training": [
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=2), "
         "lambda e: e.state.batch['image'][0, :, :4, :4].fill_(float('nan')) if @rank == 1 else None)",
+        "$@train#checkpoint_saver._final_checkpoint.__setattr__('save_handler', (lambda h: lambda c, f: (os.system('sleep 4'), h(c, f)))"
+        "(@train#checkpoint_saver._final_checkpoint.save_handler)) if @rank == 0 else None",
         "$@train#trainer.run()",
     ]}
     proc, out = _torchrun_training(tmp_path, nan_on_rank1, iterations=3)

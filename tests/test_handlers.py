@@ -405,3 +405,37 @@ def test_checkpoint_saver_writes_its_final_checkpoint_on_an_exception(tmp_path):
             engine.run(range(3), max_epochs=1)
     assert not (tmp_path / "plain" / "checkpoint_final.pt").exists()
     assert (tmp_path / "ordered" / "checkpoint_final.pt").is_file()
+
+
+def test_checkpoint_saver_writes_atomically(tmp_path, monkeypatch):
+    """attach_checkpoint_saver makes every file of the saver go through a temporary file and a
+    rename: a save that dies half-way leaves no truncated file (MONAI deletes the previous final
+    checkpoint before writing the new one, so that one is gone; the epoch checkpoint stays whole)."""
+    from monai.handlers import CheckpointSaver
+
+    from custom.handlers import attach_checkpoint_saver
+
+    net = torch.nn.Linear(1, 1)
+    engine = Engine(lambda e, b: None)
+    saver = CheckpointSaver(save_dir=str(tmp_path), save_dict={"network": net}, save_final=True, final_filename="checkpoint_final.pt",
+                            save_interval=1, epoch_level=True, n_saved=2)
+    attach_checkpoint_saver(saver, engine)
+    engine.run(range(2), max_epochs=1)
+    before = torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and "checkpoint_final.pt" in names and any("epoch=1" in n for n in names), names
+
+    def dies_half_way(obj, f, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with torch.no_grad():
+        net.weight.fill_(7.0)
+    with pytest.raises(KeyboardInterrupt):
+        saver.completed(engine)
+    monkeypatch.undo()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [n for n in names if n != "checkpoint_final.pt"], left  # no truncated final, no temporary file
+    epoch = torch.load(tmp_path / left[0], weights_only=True)
+    assert torch.equal(epoch["weight"], before["weight"])  # one object saved: its state dict at the top level
