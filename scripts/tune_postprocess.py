@@ -155,14 +155,19 @@ def main(
     model_path = Path(parser.get_parsed_content("checkpoint")) if method == "model" else None
     if model_path is not None and write_model:  # the file must carry its stain target before the evaluation reads it
         _ensure_stain_target(parser, model_path, dataset_dir, train_split)
+    if start == "stored":  # before the maps (minutes): a model without stored values cannot start from them
+        from custom.networks import stored_postprocess
+
+        try:
+            stored_postprocess(model_path)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--start stored: {e} Use --start paper.") from None
     maps, network = attention_maps(parser)
 
     best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0, local_block_size=0, local_offset=0.0,
                 marker_h=0.0)  # otsu_range: not searched
     if start == "stored":
         stored = dict(getattr(network, "postprocess", {}) or {})
-        if not stored:
-            raise SystemExit(f"--start stored: {model_path} stores no tuned post-processing; use --start paper.")
         best.update({k: v for k, v in stored.items() if k in best})
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
         best_score = pool.submit(_score, best).result()

@@ -148,6 +148,11 @@ def test_tune_postprocess_stores_sharpness_and_may_pick_otsu(tmp_path, dataset):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "start (the stored values" in again.stdout and f"): AJI {first:.4f}" in again.stdout
     assert float(re.search(r"AJI [0-9.]+ -> ([0-9.]+)", again.stdout).group(1)) >= first
+    untuned = tiny_model(tmp_path / "untuned.pt")
+    fresh = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(untuned), "--config", str(config),
+                       "--start", "stored", "--out_config", str(tmp_path / "u.json"))
+    assert fresh.returncode != 0 and "stores no tuned post-processing" in fresh.stdout + fresh.stderr
+    assert "attention " not in fresh.stdout and not (tmp_path / "u.json").exists()  # refused before any map was computed
     baseline = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--method", "hematoxylin_otsu", "--start", "stored",
                           "--out_config", str(tmp_path / "b.json"))
     assert baseline.returncode != 0 and "--start 'stored'" in baseline.stdout + baseline.stderr and not (tmp_path / "b.json").exists()
