@@ -14,6 +14,7 @@ train.json's keys (``--width`` etc. must match the weights).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -75,9 +76,8 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval().to(device)
     pp = dict(getattr(net, "postprocess", {}) or {})
     sharpness = pp.get("sharpness")
-    pp = {k: pp[k] for k in ("threshold", "morphology_radii", "sigma", "footprint_radius", "min_size", "otsu_range", "attention_sigma",
-             "local_block_size", "local_offset", "marker_h")
-          if k in pp}
+    keywords = set(inspect.signature(attention_to_instances).parameters) - {"attention"}  # not a hand-kept copy of the list
+    pp = {k: v for k, v in pp.items() if k in keywords}  # leaves out sharpness and tuned_on
     x = _image(size).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mp = size * size / 1e6
