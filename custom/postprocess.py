@@ -6,7 +6,9 @@ The authors' pipeline (their ``post.py``), in order:
    see :func:`otsu_threshold`, optionally after a Gaussian blur of A, ``attention_sigma``,
    and optionally also above A's local Gaussian-weighted mean plus ``local_offset`` in a
    ``local_block_size`` neighbourhood, see :func:`local_threshold_mask`);
-2. binary opening disk(2), closing disk(2), opening disk(1), closing disk(1);
+2. binary opening disk(2), closing disk(2), opening disk(1), closing disk(1)
+   (here optionally followed by filling the holes of at most ``fill_holes`` pixels: the
+   pale interior of a vesicular nucleus, whose chromatin rim alone passes the threshold);
 3. Euclidean distance transform of ``seg``, Gaussian blur (sigma 1);
 4. markers: local maxima of the blurred distance with a disk(7) footprint inside
    the mask (``skimage.feature.peak_local_max``), connected maxima labelled together
@@ -51,6 +53,7 @@ __all__ = [
     "AttentionToInstancesd",
     "InstanceSegmentationHandler",
     "attention_to_instances",
+    "fill_small_holes",
     "keep_centred",
     "local_threshold_mask",
     "mask_to_instances",
@@ -97,6 +100,32 @@ def _check_marker_h(marker_h) -> float:
         raise ValueError(f"marker_h (least height of a marker's top above its saddle in the distance map, pixels) must be a finite "
                          f"number >= 0 (0: off), got {marker_h!r}.")
     return float(marker_h)
+
+
+def _check_fill_holes(fill_holes) -> int:
+    if not _is_int(fill_holes) or fill_holes < 0:
+        raise ValueError(f"fill_holes (largest hole in the foreground that is filled, pixels) must be an integer >= 0 (0: off), "
+                         f"got {fill_holes!r}.")
+    return int(fill_holes)
+
+
+def fill_small_holes(seg: np.ndarray, max_area: int) -> np.ndarray:
+    """Fill the holes of a binary mask ``(H, W)`` of at most ``max_area`` pixels.
+
+    A hole is a 4-connected background region that does not reach the image border
+    (``scipy.ndimage.binary_fill_holes``). Larger holes (a gland lumen ringed by nuclei)
+    stay background. Returns a new bool ``(H, W)`` mask; ``max_area`` 0 returns a copy.
+    """
+    seg = np.asarray(seg, dtype=bool)
+    max_area = _check_fill_holes(max_area)
+    if not max_area:
+        return seg.copy()
+    holes, n = ndimage.label(ndimage.binary_fill_holes(seg) & ~seg)
+    if not n:
+        return seg.copy()
+    small = np.bincount(holes.ravel()) <= max_area
+    small[0] = False
+    return seg | small[holes]
 
 
 def _check_local(local_block_size, local_offset) -> tuple[int, float]:
@@ -228,6 +257,7 @@ def mask_to_instances(
     min_size: int = 0,
     fill_unmarked: bool = True,
     marker_h: float = 0.0,
+    fill_holes: int = 0,
 ) -> np.ndarray:
     """Split a binary foreground mask into instances (steps 2-6 of the pipeline).
 
@@ -245,17 +275,24 @@ def mask_to_instances(
             the regional maxima of the distance lowered by ``marker_h`` and reconstructed under
             it by dilation) that hold at least one footprint maximum, so that maxima of one
             nucleus split only by a shallow dip of its outline make one marker.
+        fill_holes: 0 (the paper) or the largest hole (pixels) of the mask that is filled after
+            the morphology, before the distance transform (:func:`fill_small_holes`): a vesicular
+            nucleus whose pale interior fails the threshold then makes one solid instance, not a
+            ring that the watershed cuts into pieces.
 
     Returns:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
     radii = _check_params(morphology_radii, sigma, footprint_radius, min_size)
     marker_h = _check_marker_h(marker_h)
+    fill_holes = _check_fill_holes(fill_holes)
     seg = _to_2d(mask, "mask") != 0
     for r in radii:
         if r > 0:
             fp = disk(r).astype(bool)
             seg = _closing(_opening(seg, fp), fp)
+    if fill_holes:
+        seg = fill_small_holes(seg, fill_holes)
     if not seg.any():
         return np.zeros(seg.shape, dtype=np.int32)
     distance = ndimage.distance_transform_edt(seg)
@@ -295,6 +332,7 @@ def attention_to_instances(
     local_block_size: int = 0,
     local_offset: float = 0.0,
     marker_h: float = 0.0,
+    fill_holes: int = 0,
 ) -> np.ndarray:
     """Nucleus instances from an attention map: ``A > threshold``, then :func:`mask_to_instances`.
 
@@ -302,7 +340,7 @@ def attention_to_instances(
         attention: ``(H, W)`` or ``(1, H, W)`` float map in [0, 1], numpy or torch.
         threshold: foreground is ``attention > threshold``, in [0, 1] (paper: 0.5), or
             ``"otsu"``: a threshold per map (:func:`otsu_threshold`, for soft maps).
-        morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h: see :func:`mask_to_instances`.
+        morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h, fill_holes: see :func:`mask_to_instances`.
         otsu_range: bounds of the ``"otsu"`` threshold (attention units); unused otherwise.
         attention_sigma: standard deviation (pixels) of a Gaussian blur of the attention before
             the threshold (0: none, the paper), as the hematoxylin baseline blurs its map.
@@ -317,6 +355,7 @@ def attention_to_instances(
     local_block_size, local_offset = _check_local(local_block_size, local_offset)
     _check_params(morphology_radii, sigma, footprint_radius, min_size)
     _check_marker_h(marker_h)
+    _check_fill_holes(fill_holes)
     attention_sigma = _check_attention_sigma(attention_sigma)
     arr = _to_2d(attention, "attention")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -330,7 +369,7 @@ def attention_to_instances(
     mask = arr > threshold
     if local_block_size:
         mask &= _local_mask(arr, local_block_size, local_offset)
-    return mask_to_instances(mask, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h)
+    return mask_to_instances(mask, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h, fill_holes)
 
 
 def keep_centred(labels: np.ndarray, core: Sequence[int], max_size: int = 0) -> np.ndarray:
@@ -393,6 +432,7 @@ class AttentionToInstances(Transform):
         local_block_size: int = 0,
         local_offset: float = 0.0,
         marker_h: float = 0.0,
+        fill_holes: int = 0,
     ):
         lo, hi = _check_threshold(threshold, otsu_range)
         block, offset = _check_local(local_block_size, local_offset)
@@ -408,6 +448,7 @@ class AttentionToInstances(Transform):
             "min_size": min_size,
             "fill_unmarked": flag(fill_unmarked, "fill_unmarked"),
             "marker_h": _check_marker_h(marker_h),
+            "fill_holes": _check_fill_holes(fill_holes),
         }
 
     def __call__(self, img):
@@ -428,7 +469,7 @@ class AttentionToInstancesd(MapTransform):
         suffix: appended to each key when ``output_key`` is None.
         allow_missing_keys: skip absent keys.
         threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range, attention_sigma,
-            local_block_size, local_offset, marker_h: see :func:`attention_to_instances`.
+            local_block_size, local_offset, marker_h, fill_holes: see :func:`attention_to_instances`.
     """
 
     def __init__(
@@ -447,6 +488,7 @@ class AttentionToInstancesd(MapTransform):
         local_block_size: int = 0,
         local_offset: float = 0.0,
         marker_h: float = 0.0,
+        fill_holes: int = 0,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -456,7 +498,7 @@ class AttentionToInstancesd(MapTransform):
             raise ValueError("suffix must be non-empty when output_key is None (it would overwrite the attention).")
         self.output_key, self.suffix = output_key, suffix
         self.transform = AttentionToInstances(threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range,
-                                              attention_sigma, local_block_size, local_offset, marker_h)
+                                              attention_sigma, local_block_size, local_offset, marker_h, fill_holes)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

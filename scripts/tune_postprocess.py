@@ -3,7 +3,8 @@
 The attention maps of the chosen images are computed once with the evaluation
 workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
 then the threshold (a number, or ``"otsu"``: one per image), the blur of the attention
-before it, the local threshold (neighbourhood and offset; block 0: none), the marker footprint radius and least
+before it, the local threshold (neighbourhood and offset; block 0: none), the largest hole filled
+(``fill_holes``, 0: none), the marker footprint radius and least
 height (``marker_h``, 0: none), the blur of the distance map and the minimum
 size are searched by coordinate ascent on mean AJI (the authors' definition), starting
 from the paper's values. ``--sharpness`` sets the slope of the
@@ -51,6 +52,7 @@ GRID = {
     "attention_sigma": [0.0, 0.5, 1.0, 1.5, 2.0],
     "local_block_size": [0, 51, 75, 101, 151, 201],
     "local_offset": [0.0, 0.02, 0.05, 0.08, 0.12],
+    "fill_holes": [0, 50, 100, 200, 400, 1000, 4000],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
     "marker_h": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
     "sigma": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0],
@@ -123,7 +125,7 @@ def main(
         sharpness: slope of the attention sigmoid for the maps (the inferer's ``sharpness``; None:
             the network's ``r``); stored with the tuned values, so evaluation and inference use it.
         start: where the coordinate ascent starts: "paper" (the paper's values, no blur, no local
-            threshold, no marker height) or "stored" (the values stored in the model file, e.g. to
+            threshold, no marker height, no hole filling) or "stored" (the values stored in the model file, e.g. to
             re-tune after a parameter was added; only for the model). The search finds a local
             optimum, so the two starts can end at different values.
     """
@@ -165,7 +167,7 @@ def main(
     maps, network = attention_maps(parser)
 
     best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0, local_block_size=0, local_offset=0.0,
-                marker_h=0.0)  # otsu_range: not searched
+                marker_h=0.0, fill_holes=0)  # otsu_range: not searched
     if start == "stored":
         stored = dict(getattr(network, "postprocess", {}) or {})
         best.update({k: v for k, v in stored.items() if k in best})

@@ -6,6 +6,7 @@ from monai.data import MetaTensor, decollate_batch
 from monai.engines import SupervisedEvaluator
 from monai.handlers import PostProcessing
 from monai.transforms import Compose
+from scipy import ndimage
 
 from custom.inference import TiledAttentionInferer
 from custom.networks import AttentionNet
@@ -14,6 +15,7 @@ from custom.postprocess import (
     AttentionToInstancesd,
     InstanceSegmentationHandler,
     attention_to_instances,
+    fill_small_holes,
     keep_centred,
     local_threshold_mask,
     mask_to_instances,
@@ -132,6 +134,9 @@ def test_mask_to_instances_matches_attention_path():
         ({"marker_h": float("nan")}, "marker_h"),
         ({"marker_h": True}, "marker_h"),
         ({"marker_h": "deep"}, "marker_h"),
+        ({"fill_holes": -1}, "fill_holes"),
+        ({"fill_holes": 50.0}, "fill_holes"),
+        ({"fill_holes": True}, "fill_holes"),
     ],
 )
 def test_invalid_parameters(kwargs, match):
@@ -163,6 +168,45 @@ def test_marker_h_merges_maxima_of_one_nucleus():
         assert np.array_equal(attention_to_instances(a, footprint_radius=3, marker_h=0.0), attention_to_instances(a, footprint_radius=3))
     out = AttentionToInstancesd(keys="pred", footprint_radius=3, marker_h=0.5)({"pred": torch.from_numpy(lobed)[None]})
     assert out["pred_instances"].shape == (1, 64, 80) and int(out["pred_instances"].max()) == 1
+
+
+def _ring(radius: int = 12, hole: int = 6, size: int = 64) -> np.ndarray:
+    """A vesicular nucleus: a disc of ``radius`` whose pale interior (radius ``hole``) fails the threshold."""
+    yy, xx = np.mgrid[:size, :size]
+    d = np.hypot(yy - size // 2, xx - size // 2)
+    return ((d <= radius) & (d > hole)).astype(np.float32)
+
+
+def test_fill_holes_makes_a_ring_one_solid_nucleus():
+    """The rim of a nucleus with a pale centre (a ring 6 px thick) has its distance maxima all
+    round the ring, and the paper's markers cut it into pieces; filling the hole (113 px)
+    gives one solid instance. A cap below the hole's area leaves the ring as it was, and
+    0 is the paper's rule exactly."""
+    ring = _ring()
+    hole_area = int(((ring == 0) & ndimage.binary_fill_holes(ring > 0)).sum())
+    assert attention_to_instances(ring, footprint_radius=3).max() > 1
+    solid = attention_to_instances(ring, footprint_radius=3, fill_holes=hole_area)
+    assert solid.max() == 1 and (solid > 0).sum() == int(ndimage.binary_fill_holes(ring > 0).sum())
+    assert np.array_equal(attention_to_instances(ring, footprint_radius=3, fill_holes=hole_area - 1),
+                          attention_to_instances(ring, footprint_radius=3))
+    assert np.array_equal(attention_to_instances(ring, footprint_radius=3, fill_holes=0), attention_to_instances(ring, footprint_radius=3))
+    out = AttentionToInstancesd(keys="pred", footprint_radius=3, fill_holes=200)({"pred": torch.from_numpy(ring)[None]})
+    assert out["pred_instances"].shape == (1, 64, 64) and int(out["pred_instances"].max()) == 1
+
+
+def test_fill_small_holes_keeps_large_and_open_holes():
+    """Only enclosed holes up to the cap are filled: a lumen larger than the cap and a gap
+    open to the image border stay background."""
+    seg = np.zeros((40, 60), bool)
+    seg[5:15, 5:15] = True
+    seg[8:11, 8:11] = False  # 9 px hole: filled
+    seg[5:35, 25:55] = True
+    seg[10:30, 30:50] = False  # 400 px lumen: kept
+    seg[20:40, 17:21] = True
+    seg[25:40, 18:20] = False  # a slot open to the bottom border: not a hole
+    out = fill_small_holes(seg, 100)
+    assert out[8:11, 8:11].all() and not out[10:30, 30:50].any() and not out[25:40, 18:20].any()
+    assert np.array_equal(fill_small_holes(seg, 0), seg) and fill_small_holes(seg, 400)[10:30, 30:50].all()
 
 
 def test_otsu_threshold_adapts_to_each_map():
