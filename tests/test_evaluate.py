@@ -395,6 +395,21 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     assert missing.returncode != 0 and "notes/model.pt: not found" in missing.stderr
 
 
+def test_evaluate_heldout_scores_the_training_split_without_retuning(tmp_path):
+    """scripts/evaluate_heldout.sh with PYTHON=echo: the model and both baselines (plain and with their
+    validation-tuned configs) are evaluated on the training split into their own folders; nothing is tuned."""
+    proc = subprocess.run(["bash", "scripts/evaluate_heldout.sh", "DATA", str(tmp_path / "held")], check=False, cwd=REPO,
+                          env={**ENV, "PYTHON": "echo"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line for line in proc.stdout.splitlines() if "run evaluating" in line]
+    methods = [line.split("--method ")[1].split()[0] for line in runs]
+    assert methods == ["model", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned", "hematoxylin_local",
+                       "hematoxylin_local_tuned"]
+    assert all("--eval_split train" in line and f"--eval_dir {tmp_path / 'held'}/" in line for line in runs)
+    assert "baselines/hematoxylin_local_tuned.json" in runs[-1] and "tune_postprocess" not in proc.stdout
+    assert proc.stdout.splitlines()[-1] == f"scripts/results_table.py --eval_root {tmp_path / 'held'} --paper false"
+
+
 def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postprocessing(tmp_path):
     """scripts/ablation_study.sh with PYTHON=echo: the control and each ablation train one epoch of the given
     iterations into their own folder; every row, and the reference model, is evaluated twice with the same
