@@ -77,7 +77,7 @@ def test_baseline_evaluation_writes_reports_and_overlays(tmp_path, dataset):
 
 def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     tuned = {"threshold": 0.6, "sigma": 0.5, "footprint_radius": 5, "min_size": 3, "local_block_size": 31, "local_offset": 0.02,
-             "marker_h": 0.5}
+             "marker_h": 0.5, "fill_holes": 50}
     model = tiny_model(tmp_path / "tiny.pt", postprocess=tuned)
     # --inference_roi 64 < 96: the images are tiled
     proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",
