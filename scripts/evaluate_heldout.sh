@@ -17,10 +17,11 @@ export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 for b in hematoxylin_otsu hematoxylin_local; do
   [ -f "$C/baselines/${b}_tuned.json" ] || { echo "$C/baselines/${b}_tuned.json: not found; tune it on validation first (scripts/evaluate_all.sh)" >&2; exit 1; }
 done
-bundle_evaluate "$EVAL_ROOT/model" model -- --eval_split train --write_overlays false
-bundle_evaluate "$EVAL_ROOT/model_paper_postprocess" model_paper_postprocess -- --eval_split train --write_overlays false --eval#tuned "{}"
+held=(--eval_split train --write_overlays false)
+bundle_evaluate "$EVAL_ROOT/model" model -- "${held[@]}"
+bundle_evaluate "$EVAL_ROOT/model_paper_postprocess" model_paper_postprocess -- "${held[@]}" --eval#tuned "{}"
 for b in hematoxylin_otsu hematoxylin_local; do
-  bundle_evaluate "$EVAL_ROOT/$b" "$b" "$C/baselines/$b.json" -- --eval_split train --write_overlays false
-  bundle_evaluate "$EVAL_ROOT/${b}_tuned" "${b}_tuned" "$C/baselines/$b.json" "$C/baselines/${b}_tuned.json" -- --eval_split train --write_overlays false
+  bundle_evaluate "$EVAL_ROOT/$b" "$b" "$C/baselines/$b.json" -- "${held[@]}"
+  bundle_evaluate "$EVAL_ROOT/${b}_tuned" "${b}_tuned" "$C/baselines/$b.json" "$C/baselines/${b}_tuned.json" -- "${held[@]}"
 done
 $PY scripts/results_table.py --eval_root "$EVAL_ROOT" --paper false
