@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.filters import threshold_local, threshold_otsu
+from skimage.filters import threshold_otsu
 from torch import nn
 
 from custom.networks import HematoxylinDensity
+from custom.postprocess import local_threshold_mask
 
 __all__ = ["BASELINES", "HematoxylinLocalThreshold", "HematoxylinOtsu"]
 
@@ -72,8 +73,7 @@ class HematoxylinLocalThreshold(_HematoxylinBaseline):
     def _mask(self, h: np.ndarray) -> np.ndarray:
         if np.ptp(h) == 0:
             return np.zeros_like(h, dtype=np.float32)
-        local = threshold_local(h, self.block_size, method="gaussian", offset=-self.offset)
-        return ((h > local) & (h > self.global_fraction * threshold_otsu(h))).astype(np.float32)
+        return (local_threshold_mask(h, self.block_size, self.offset) & (h > self.global_fraction * threshold_otsu(h))).astype(np.float32)
 
 
 BASELINES = {"hematoxylin_otsu": HematoxylinOtsu, "hematoxylin_local": HematoxylinLocalThreshold}

@@ -1,4 +1,5 @@
-# Sourced by scripts/evaluate_all.sh and scripts/ablation_study.sh: one run of the bundle's evaluation workflow.
+# Sourced by scripts/evaluate_all.sh, scripts/evaluate_heldout.sh and scripts/ablation_study.sh.
+# One run of the bundle's evaluation workflow:
 #   bundle_evaluate EVAL_DIR METHOD [EXTRA_CONFIG...] [-- OVERRIDE...]
 # layers train.json, evaluate.json and the EXTRA_CONFIGs, evaluates $DATA (a prepared dataset) as METHOD
 # into EVAL_DIR; OVERRIDEs are passed on (e.g. --checkpoint M --tta false --eval#tuned "{}").
@@ -10,4 +11,23 @@ bundle_evaluate() {
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do files="$files,'$1'"; shift; done; [ $# -gt 0 ] && shift
   ${PY:-python} -m monai.bundle run evaluating --config_file "[$files]" --dataset_dir "${DATA:?bundle_evaluate: DATA is not set}" \
       --download false --method "$method" --eval_dir "$into" "$@"
+}
+
+# The shipped model's and the classical baselines' rows:
+#   bundle_evaluate_rows EVAL_ROOT [OVERRIDE...]
+# the model with its tuned post-processing and with the paper's (model_paper_postprocess), then each of
+# $BASELINES (default: hematoxylin_otsu hematoxylin_local) with the paper's post-processing and with its
+# validation-tuned override $C/baselines/<name>_tuned.json (which must exist), each into EVAL_ROOT/<method>.
+bundle_evaluate_rows() {
+  local root=$1; shift
+  local c=${C:-bundle/configs} b
+  for b in ${BASELINES:-hematoxylin_otsu hematoxylin_local}; do
+    [ -f "$c/baselines/${b}_tuned.json" ] || { echo "$c/baselines/${b}_tuned.json: not found; tune it on validation first (scripts/tune_postprocess.py --method $b)" >&2; return 1; }
+  done
+  bundle_evaluate "$root/model" model -- "$@"
+  bundle_evaluate "$root/model_paper_postprocess" model_paper_postprocess -- "$@" --eval#tuned "{}"
+  for b in ${BASELINES:-hematoxylin_otsu hematoxylin_local}; do
+    bundle_evaluate "$root/$b" "$b" "$c/baselines/$b.json" -- "$@"
+    bundle_evaluate "$root/${b}_tuned" "${b}_tuned" "$c/baselines/$b.json" "$c/baselines/${b}_tuned.json" -- "$@"
+  done
 }

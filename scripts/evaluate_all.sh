@@ -27,15 +27,12 @@ evaluate() {  # [into=EVAL_DIR] evaluate METHOD EXTRA_CONFIG... -- OVERRIDES... 
   bundle_evaluate "${into:-$EVAL_ROOT/$1}" "$@"
 }
 if [ ${#NAMES[@]} -eq 0 ]; then
-  # the shipped model, with its tuned post-processing and with the paper's
-  evaluate model
-  evaluate model_paper_postprocess -- --eval#tuned "{}"
-  # classical baselines: the paper's post-processing, then tuned on validation like the model
+  # the classical baselines tuned on validation like the model, then the model (with its tuned
+  # post-processing and with the paper's) and each baseline (with the paper's and with its tuned one)
   for b in hematoxylin_otsu hematoxylin_local; do
-    evaluate $b $C/baselines/$b.json
     $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b
-    evaluate ${b}_tuned $C/baselines/$b.json $C/baselines/${b}_tuned.json
   done
+  bundle_evaluate_rows "$EVAL_ROOT"
   NAMES=(); for d in "$RUNS"/*/; do NAMES+=("$(basename "$d")"); done
 fi
 # trained variants (ablations and seed replicas), each tuned on validation the same way

@@ -14,14 +14,5 @@ PY=${PYTHON:-python}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 # shellcheck source=scripts/bundle_evaluate.sh
 . "$(dirname "$0")/bundle_evaluate.sh"
-for b in hematoxylin_otsu hematoxylin_local; do
-  [ -f "$C/baselines/${b}_tuned.json" ] || { echo "$C/baselines/${b}_tuned.json: not found; tune it on validation first (scripts/evaluate_all.sh)" >&2; exit 1; }
-done
-held=(--eval_split train --write_overlays false)
-bundle_evaluate "$EVAL_ROOT/model" model -- "${held[@]}"
-bundle_evaluate "$EVAL_ROOT/model_paper_postprocess" model_paper_postprocess -- "${held[@]}" --eval#tuned "{}"
-for b in hematoxylin_otsu hematoxylin_local; do
-  bundle_evaluate "$EVAL_ROOT/$b" "$b" "$C/baselines/$b.json" -- "${held[@]}"
-  bundle_evaluate "$EVAL_ROOT/${b}_tuned" "${b}_tuned" "$C/baselines/$b.json" "$C/baselines/${b}_tuned.json" -- "${held[@]}"
-done
+bundle_evaluate_rows "$EVAL_ROOT" --eval_split train --write_overlays false
 $PY scripts/results_table.py --eval_root "$EVAL_ROOT" --paper false

@@ -134,6 +134,7 @@ def test_tune_postprocess_stores_sharpness_and_may_pick_otsu(tmp_path, dataset):
                       "--rounds", "1", "--workers", "1", "--out_config", str(out), "--write_model", "--config", str(config))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "otsu=" in proc.stdout  # the per-image threshold is one of the candidates
+    assert "round 1 morphology_radii: [2, 1]=" in proc.stdout and ", []=" in proc.stdout  # the paper's radii, down to none
     override = json.loads(out.read_text())
     assert override["eval#sharpness"] == 1.0 and override["eval#postprocess_params#otsu_range"] == [0.4, 0.6]
     from custom.networks import load_attention_weights
@@ -408,6 +409,10 @@ def test_evaluate_heldout_scores_the_training_split_without_retuning(tmp_path):
     assert all("--eval_split train" in line and f"--eval_dir {tmp_path / 'held'}/" in line for line in runs)
     assert "baselines/hematoxylin_local_tuned.json" in runs[-1] and "tune_postprocess" not in proc.stdout
     assert proc.stdout.splitlines()[-1] == f"scripts/results_table.py --eval_root {tmp_path / 'held'} --paper false"
+    untuned = subprocess.run(["bash", "scripts/evaluate_heldout.sh", "DATA", str(tmp_path / "held2")], check=False, cwd=REPO,
+                             env={**ENV, "PYTHON": "echo", "BASELINES": "hematoxylin_untuned"}, capture_output=True, text=True, timeout=60)
+    assert untuned.returncode != 0 and "baselines/hematoxylin_untuned_tuned.json: not found" in untuned.stderr
+    assert "run evaluating" not in untuned.stdout  # refused before any evaluation
 
 
 def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postprocessing(tmp_path):
