@@ -3,7 +3,8 @@
 The attention maps of the chosen images are computed once with the evaluation
 workflow's own preprocessing, network and inferer (``train.json`` + ``evaluate.json``);
 then the threshold (a number, or ``"otsu"``: one per image), the blur of the attention
-before it, the local threshold (neighbourhood and offset; block 0: none), the largest hole filled
+before it, the local threshold (neighbourhood and offset; block 0: none), the opening/closing
+radii (``morphology_radii``, the paper's (2, 1) or fewer; []: none), the largest hole filled
 (``fill_holes``, 0: none), the marker footprint radius and least
 height (``marker_h``, 0: none), the blur of the distance map and the minimum
 size are searched by coordinate ascent on mean AJI (the authors' definition), starting
@@ -52,6 +53,7 @@ GRID = {
     "attention_sigma": [0.0, 0.5, 1.0, 1.5, 2.0],
     "local_block_size": [0, 51, 75, 101, 151, 201],
     "local_offset": [0.0, 0.02, 0.05, 0.08, 0.12],
+    "morphology_radii": [[2, 1], [2], [1], []],
     "fill_holes": [0, 50, 100, 200, 400, 1000, 4000],
     "footprint_radius": [3, 4, 5, 6, 7, 9, 11],
     "marker_h": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
