@@ -29,7 +29,7 @@ evaluate() {  # [into=EVAL_DIR] evaluate METHOD EXTRA_CONFIG... -- OVERRIDES... 
 if [ ${#NAMES[@]} -eq 0 ]; then
   # the classical baselines tuned on validation like the model, then the model (with its tuned
   # post-processing and with the paper's) and each baseline (with the paper's and with its tuned one)
-  for b in ${BASELINES:-hematoxylin_otsu hematoxylin_local}; do
+  for b in $BASELINES; do
     $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b
   done
   bundle_evaluate_rows "$EVAL_ROOT"
