@@ -1,6 +1,6 @@
 """Ignite handlers: attention maps in TensorBoard, F-only model export, sampler epochs,
 per-epoch reseeding, evaluator best-metric state and a checked resume loader for training
-checkpoints, evaluation reports (per-image CSV, summary) and overlay images."""
+checkpoints, evaluation reports (per-image CSV, summary), error analysis and overlay images."""
 
 from __future__ import annotations
 
@@ -23,14 +23,17 @@ from skimage.segmentation import find_boundaries
 
 from custom.config import flag
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
+from custom.diagnostics import ERROR_NAMES, oracle_split, segmentation_errors
 from custom.files import write_atomic
 from custom.metrics import COUNT_NAMES, METRIC_NAMES, cached_instance_metrics
 from custom.networks import save_attention_network
+from custom.postprocess import mask_to_instances
 
 __all__ = [
     "AttentionMapTensorBoardHandler",
     "BatchSamplerEpochHandler",
     "EpochSeedHandler",
+    "ErrorAnalysisReport",
     "EvaluationReport",
     "EvaluatorState",
     "ExportAttentionNetwork",
@@ -446,7 +449,53 @@ def _numpy_2d(x) -> np.ndarray:
     return arr[0] if arr.ndim == 3 else arr
 
 
-class EvaluationReport:
+def _write_rows(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """``rows`` (dicts holding at least ``keys``) as a CSV with a header, written atomically."""
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows({k: r[k] for k in keys} for r in rows)
+
+    write_atomic(path, write)
+
+
+class _PerImageReport:
+    """Rows of per-image results collected each iteration (``analyse`` of each (label, prediction)
+    pair) and written at completion (``_write``); ``FILES`` in ``output_dir`` are removed at the start, so
+    that a failed run leaves none of a previous run's results looking current."""
+
+    FILES: tuple[str, ...] = ()
+
+    def __init__(self, output_dir: str, method: str, pred_key: str, label_key: str, id_key: str):
+        self.output_dir, self.method = Path(output_dir), str(method)
+        self.pred_key, self.label_key, self.id_key = pred_key, label_key, id_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows = []
+        for name in self.FILES:
+            (self.output_dir / name).unlink(missing_ok=True)
+
+    def analyse(self, gt: np.ndarray, pred: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def _collect(self, engine: Engine) -> None:
+        for item, out in _items(engine):
+            gt, pred = _numpy_2d(out[self.label_key]).astype(np.int64), _numpy_2d(out[self.pred_key]).astype(np.int64)
+            self.rows.append({"id": str(item.get(self.id_key, len(self.rows))), **self.analyse(gt, pred)})
+
+    def _write(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class EvaluationReport(_PerImageReport):
     """Per-image nucleus metrics and their summary, written when the evaluator completes.
 
     Each iteration, for every image: :func:`custom.metrics.instance_metrics` (memoised) between the
@@ -467,27 +516,17 @@ class EvaluationReport:
         id_key: key of the image id in the batch.
     """
 
+    FILES = ("summary.json", "summary.csv", "per_image.csv")
+
     def __init__(self, output_dir: str, method: str = "model", settings: dict | None = None, pred_key: str = "pred_instances",
                  label_key: str = "label", id_key: str = "id"):
-        self.output_dir, self.method, self.settings = Path(output_dir), str(method), dict(settings or {})
-        self.pred_key, self.label_key, self.id_key = pred_key, label_key, id_key
-        self.rows: list[dict] = []
+        super().__init__(output_dir, method, pred_key, label_key, id_key)
+        self.settings = dict(settings or {})
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows = []
-        for name in ("summary.json", "summary.csv", "per_image.csv"):  # a previous run's result must not look current
-            (self.output_dir / name).unlink(missing_ok=True)
-
-    def _collect(self, engine: Engine) -> None:
-        for item, out in _items(engine):
-            gt, pred = _numpy_2d(out[self.label_key]).astype(np.int64), _numpy_2d(out[self.pred_key]).astype(np.int64)
-            # cached: the evaluator's metric handlers have usually computed the same pair this iteration
-            self.rows.append({"id": str(item.get(self.id_key, len(self.rows))), **cached_instance_metrics(gt, pred)})
+    def analyse(self, gt: np.ndarray, pred: np.ndarray) -> dict:
+        """Every metric of ``custom.metrics.instance_metrics`` of one ``(H, W)`` pair."""
+        # cached: the evaluator's metric handlers have usually computed the same pair this iteration
+        return cached_instance_metrics(gt, pred)
 
     def summary(self) -> dict:
         """Mean of each metric over the images, total counts, method and settings."""
@@ -504,22 +543,84 @@ class EvaluationReport:
         summary = self.summary()
         keys = ["id", *METRIC_NAMES, *COUNT_NAMES]
 
-        def per_image(tmp):
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows({k: r[k] for k in keys} for r in self.rows)
-
         def summary_csv(tmp):
             with open(tmp, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["method", "n_images", *METRIC_NAMES, *COUNT_NAMES])
                 w.writerow([summary[k] for k in ["method", "n_images", *METRIC_NAMES, *COUNT_NAMES]])
 
-        write_atomic(self.output_dir / "per_image.csv", per_image)
+        _write_rows(self.output_dir / "per_image.csv", keys, self.rows)
         write_atomic(self.output_dir / "summary.csv", summary_csv)
         strict = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}  # JSON has no NaN
         write_atomic(self.output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(strict, indent=2, default=str)))
+
+
+MASK_PARAMS = ("morphology_radii", "sigma", "footprint_radius", "min_size", "marker_h", "fill_holes")
+"""The keys of the post-processing that split a binary mask (``custom.postprocess.mask_to_instances``)."""
+ERROR_SCORES = ("aji", "aji_oracle_split", "aji_true_foreground", "dice")
+"""Per-image scores of :class:`ErrorAnalysisReport`, in [0, 1]."""
+
+
+class ErrorAnalysisReport(_PerImageReport):
+    """Where the AJI is lost, foreground or splitting: per image and on average, written when the
+    evaluator completes (``error_analysis: true`` in ``evaluate.json``).
+
+    For every image, against its labels (``output[label_key]``):
+
+    - ``aji``: of the prediction (``output[pred_key]``), as :class:`EvaluationReport` scores it;
+    - ``aji_oracle_split``: of the prediction's foreground split by the labels
+      (:func:`custom.diagnostics.oracle_split`): the most any splitting of that foreground can reach;
+    - ``aji_true_foreground``: of the true foreground ``label > 0`` split by the same mask step
+      (:func:`custom.postprocess.mask_to_instances` with ``mask_params``): what that splitting
+      reaches on a perfect foreground;
+    - ``dice``: foreground Dice of the prediction;
+    - the counts of :func:`custom.diagnostics.segmentation_errors` (merges, splits, misses, false nuclei).
+
+    At completion it writes, each atomically, in ``output_dir``: ``errors.csv`` (a row per image) and
+    ``errors_summary.json`` (the mean of each score, the total of each count, ``method``); the summary is
+    written last, so its presence means the analysis is complete.
+
+    Args:
+        output_dir: folder for the files (the evaluation's ``eval_dir``).
+        mask_params: the post-processing parameters (``eval#postprocess_params``); the keys of
+            ``MASK_PARAMS`` are used, the others (those of the map's threshold) ignored.
+        method: the row name, as in :class:`EvaluationReport`.
+        pred_key, label_key, id_key: as in :class:`EvaluationReport`.
+    """
+
+    FILES = ("errors_summary.json", "errors.csv")
+
+    def __init__(self, output_dir: str, mask_params: dict, method: str = "model", pred_key: str = "pred_instances",
+                 label_key: str = "label", id_key: str = "id"):
+        missing = [k for k in MASK_PARAMS if k not in mask_params]
+        if missing:
+            raise ValueError(f"ErrorAnalysisReport: mask_params lacks {missing}; pass eval#postprocess_params.")
+        super().__init__(output_dir, method, pred_key, label_key, id_key)
+        self.mask_params = {k: mask_params[k] for k in MASK_PARAMS}
+
+    def analyse(self, gt: np.ndarray, pred: np.ndarray) -> dict:
+        """The scores of ``ERROR_SCORES`` and counts of ``ERROR_NAMES`` of one ``(H, W)`` pair."""
+        scores = cached_instance_metrics(gt, pred)
+        return {
+            "aji": scores["aji"],
+            "aji_oracle_split": cached_instance_metrics(gt, oracle_split(gt, pred))["aji"],
+            "aji_true_foreground": cached_instance_metrics(gt, mask_to_instances(gt > 0, **self.mask_params).astype(np.int64))["aji"],
+            "dice": scores["dice"],
+            **segmentation_errors(gt, pred),
+        }
+
+    def summary(self) -> dict:
+        """Mean of each score and total of each count over the images, with ``method``."""
+        if not self.rows:
+            raise RuntimeError("ErrorAnalysisReport: no image was evaluated.")
+        means = {k: float(np.mean([r[k] for r in self.rows])) for k in ERROR_SCORES}
+        totals = {k: int(sum(r[k] for r in self.rows)) for k in ERROR_NAMES}
+        return {"method": self.method, "n_images": len(self.rows), **means, **totals, "mask_params": self.mask_params}
+
+    def _write(self, engine: Engine) -> None:
+        summary = self.summary()
+        _write_rows(self.output_dir / "errors.csv", ["id", *ERROR_SCORES, *ERROR_NAMES], self.rows)
+        write_atomic(self.output_dir / "errors_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
 
 
 class OverlayWriter:

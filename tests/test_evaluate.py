@@ -73,6 +73,7 @@ def test_baseline_evaluation_writes_reports_and_overlays(tmp_path, dataset):
     assert [r["id"] for r in rows] == val_ids
     assert summary["aji"] == pytest.approx(np.mean([float(r["aji"]) for r in rows]))
     assert summary["n_true"] == sum(int(float(r["n_true"])) for r in rows)
+    assert not (out / "errors_summary.json").exists()  # the error analysis is off by default
 
 
 def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
@@ -81,10 +82,14 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     model = tiny_model(tmp_path / "tiny.pt", postprocess=tuned)
     # --inference_roi 64 < 96: the images are tiled
     proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",
-                          "--inference_roi", "64", *FAST)
+                          "--inference_roi", "64", "--error_analysis", "true", *FAST)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "bundle" / "eval" / "model"
     summary = json.loads((out / "summary.json").read_text())
+    errors = json.loads((out / "errors_summary.json").read_text())  # --error_analysis true: with the same post-processing
+    assert errors["n_images"] == 2 and errors["aji"] == pytest.approx(summary["aji"]) and errors["n_pred"] == summary["n_pred"]
+    assert errors["mask_params"] == {"morphology_radii": [2, 1], "sigma": 0.5, "footprint_radius": 5, "min_size": 3, "marker_h": 0.5,
+                                     "fill_holes": 50}
     assert summary["method"] == "model" and summary["n_images"] == 2
     assert summary["settings"]["weights"] == str(model) and summary["settings"]["tta"] is False
     assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1], "otsu_range": [0.4, 0.6],

@@ -439,3 +439,42 @@ def test_checkpoint_saver_writes_atomically(tmp_path, monkeypatch):
     assert left == [n for n in names if n != "checkpoint_final.pt"], left  # no truncated final, no temporary file
     epoch = torch.load(tmp_path / left[0], weights_only=True)
     assert torch.equal(epoch["weight"], before["weight"])  # one object saved: its state dict at the top level
+
+
+def test_error_analysis_report_files_and_ceilings(tmp_path):
+    import csv
+    import json
+
+    from custom.diagnostics import ERROR_NAMES, oracle_split
+    from custom.handlers import ERROR_SCORES, ErrorAnalysisReport
+    from custom.metrics import aji
+    from custom.postprocess import mask_to_instances
+
+    params = {"threshold": 0.5, "morphology_radii": [], "sigma": 0.0, "footprint_radius": 3, "min_size": 0, "marker_h": 0.0,
+              "fill_holes": 0, "otsu_range": [0.4, 0.6]}
+    (tmp_path / "errors_summary.json").write_text("from a previous run\n")
+    report = ErrorAnalysisReport(str(tmp_path), params, method="m")
+    engine = _report_engine()
+    report.attach(engine)
+    engine.run([[{"id": "img-a"}], [{"id": "img-b"}]], max_epochs=1)
+    with open(tmp_path / "errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ["img-a", "img-b"] and list(rows[0]) == ["id", *ERROR_SCORES, *ERROR_NAMES]
+    _, gt, pred = _pairs()[0]
+    gt, pred = gt.numpy().astype(np.int64), pred.numpy().astype(np.int64)
+    assert float(rows[0]["aji"]) == pytest.approx(aji(gt, pred))
+    assert float(rows[0]["aji_oracle_split"]) == pytest.approx(aji(gt, oracle_split(gt, pred)))
+    truth = mask_to_instances(gt > 0, [], 0.0, 3, 0)
+    assert float(rows[0]["aji_true_foreground"]) == pytest.approx(aji(gt, truth))
+    assert int(rows[0]["false_pred"]) == 1 and int(rows[1]["missed_true"]) == 3
+    summary = json.loads((tmp_path / "errors_summary.json").read_text())
+    assert summary["method"] == "m" and summary["n_images"] == 2 and summary["false_pred"] == 2
+    assert summary["aji"] == pytest.approx(np.mean([float(r["aji"]) for r in rows]))
+    assert "threshold" not in summary["mask_params"]
+
+
+def test_error_analysis_report_refuses_incomplete_params(tmp_path):
+    from custom.handlers import ErrorAnalysisReport
+
+    with pytest.raises(ValueError, match="marker_h"):
+        ErrorAnalysisReport(str(tmp_path), {"morphology_radii": [], "sigma": 1.0, "footprint_radius": 3, "min_size": 0, "fill_holes": 0})
