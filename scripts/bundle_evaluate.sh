@@ -17,7 +17,8 @@ bundle_evaluate() {
 #   bundle_evaluate_rows EVAL_ROOT [OVERRIDE...]
 # the model with its tuned post-processing and with the paper's (model_paper_postprocess), then each of
 # $BASELINES (default: hematoxylin_otsu hematoxylin_local) with the paper's post-processing and with its
-# validation-tuned override $C/baselines/<name>_tuned.json (which must exist), each into EVAL_ROOT/<method>.
+# validation-tuned override $C/baselines/<name>_tuned.json (which must exist), each into EVAL_ROOT/<method>,
+# each with its error analysis (errors.csv, errors_summary.json: --error_analysis true).
 BASELINES=${BASELINES:-hematoxylin_otsu hematoxylin_local}
 bundle_evaluate_rows() {
   local root=$1; shift
@@ -25,10 +26,10 @@ bundle_evaluate_rows() {
   for b in $BASELINES; do
     [ -f "$c/baselines/${b}_tuned.json" ] || { echo "$c/baselines/${b}_tuned.json: not found; tune it on validation first (scripts/tune_postprocess.py --method $b)" >&2; return 1; }
   done
-  bundle_evaluate "$root/model" model -- "$@"
-  bundle_evaluate "$root/model_paper_postprocess" model_paper_postprocess -- "$@" --eval#tuned "{}"
+  bundle_evaluate "$root/model" model -- --error_analysis true "$@"
+  bundle_evaluate "$root/model_paper_postprocess" model_paper_postprocess -- --error_analysis true "$@" --eval#tuned "{}"
   for b in $BASELINES; do
-    bundle_evaluate "$root/$b" "$b" "$c/baselines/$b.json" -- "$@"
-    bundle_evaluate "$root/${b}_tuned" "${b}_tuned" "$c/baselines/$b.json" "$c/baselines/${b}_tuned.json" -- "$@"
+    bundle_evaluate "$root/$b" "$b" "$c/baselines/$b.json" -- --error_analysis true "$@"
+    bundle_evaluate "$root/${b}_tuned" "${b}_tuned" "$c/baselines/$b.json" "$c/baselines/${b}_tuned.json" -- --error_analysis true "$@"
   done
 }

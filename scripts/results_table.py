@@ -11,11 +11,16 @@ Usage::
     python scripts/results_table.py --seeds --into README.md   # the seed table and its block
     python scripts/results_table.py --eval_root bundle/eval/plain_reinhard_recipe --paper false \
         --block plain_reinhard_recipe --into README.md         # an archived recipe's rows, its own block
+    python scripts/results_table.py --errors --into README.md  # the error analysis and its block
 
 Rows: one per summary (its ``method``; default: every ``<eval_root>/*/summary.json``),
 in the order given (default: sorted by AJI),
 then the paper's Table 1 rows for reference, labelled as measured on the MoNuSeg
 test set by the paper, not by this bundle.
+
+With ``--errors``: where each method loses AJI, from the ``errors_summary.json`` files of an evaluation
+run with ``--error_analysis true`` (``ErrorAnalysisReport``): its AJI, the AJI of its foreground split by the
+labels, the AJI of the true foreground split by its post-processing, and its instance errors.
 
 With ``--seeds``: one row per trained variant that has seed replicas
 (``bundle/eval/replicas/<variant>_s<seed>/``, written by ``scripts/evaluate_all.sh``),
@@ -105,6 +110,33 @@ def markers(block: str) -> tuple[str, str]:
 
 START, END = markers("results")
 SEED_START, SEED_END = markers("seed")
+ERROR_COLUMNS = [("aji", "AJI", 4), ("aji_oracle_split", "AJI, its foreground split by the labels", 4),
+                 ("aji_true_foreground", "AJI, the true foreground split by its post-processing", 4), ("dice", "ADC (Dice)", 4)]
+ERROR_COUNTS = [("merged_true", "true nuclei merged (merges)", "merges"), ("split_true", "true nuclei split", None),
+                ("missed_true", "true nuclei missed", None), ("false_pred", "false nuclei", None)]
+
+
+def load_errors(eval_root) -> list[dict]:
+    """Every ``<eval_root>/*/errors_summary.json``, sorted by AJI, best first."""
+    out = []
+    for f in sorted(Path(eval_root).glob("*/errors_summary.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{f}: not valid JSON ({e}).") from e
+    out.sort(key=lambda s: -_aji_key(s))
+    return out
+
+
+def error_table(summaries: list[dict]) -> str:
+    """Markdown table: method, nuclei found / true, the scores of ``ERROR_COLUMNS``, the counts of ``ERROR_COUNTS``."""
+    head = ["method", "nuclei found / true", *(c[1] for c in ERROR_COLUMNS), *(c[1] for c in ERROR_COUNTS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [s.get("method", "?"), f"{s.get('n_pred', '?')} / {s.get('n_true', '?')}", *(_fmt(s.get(k), d) for k, _, d in ERROR_COLUMNS)]
+        cells += [f"{s.get(k, '?')} ({s.get(extra, '?')})" if extra else str(s.get(k, "?")) for k, _, extra in ERROR_COUNTS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 SEED_COLUMNS = [("aji", "AJI", 4), ("dice", "ADC (Dice)", 4), ("ahd", "AHD (px)", 2), ("pq", "PQ", 4)]
 
 
@@ -156,8 +188,10 @@ def replace_block(text: str, table_text: str, source: str = "the document", star
 
 
 def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None,
-         seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval"), block: str | None = None) -> None:
-    """Print (and optionally write to ``out``) the comparison table, or with ``seeds`` the seed table.
+         seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval"), block: str | None = None,
+         errors: bool = False) -> None:
+    """Print (and optionally write to ``out``) the comparison table, with ``seeds`` the seed table, or
+    with ``errors`` the error-analysis table.
 
     Args:
         paths: summary files or evaluation folders (default: every ``<eval_root>/*/summary.json``).
@@ -172,13 +206,25 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
         eval_root: the evaluation folder read when no ``paths`` are given, and by ``seeds``
             (e.g. ``bundle/eval/plain_reinhard_recipe``, the archived previous recipe).
         block: the name of the block that ``into`` fills, between ``<!-- {block} table: generated -->``
-            and ``<!-- end of {block} table -->`` (default ``results``, ``seed`` with ``seeds``).
+            and ``<!-- end of {block} table -->`` (default ``results``, ``seed`` with ``seeds``, ``errors``
+            with ``errors``).
+        errors: print the error-analysis table of every ``<eval_root>/*/errors_summary.json`` instead
+            (``paths``, ``paper`` and ``sort`` do not apply).
     """
+    seeds, errors = flag(seeds, "--seeds"), flag(errors, "--errors")
+    if seeds and errors:
+        raise SystemExit("--seeds and --errors: one table at a time.")
     try:
-        start, end = markers(block if block is not None else ("seed" if flag(seeds, "--seeds") else "results"))
+        start, end = markers(block if block is not None else ("seed" if seeds else "errors" if errors else "results"))
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    if flag(seeds, "--seeds"):
+    if errors:
+        found = load_errors(eval_root)
+        if not found:
+            raise SystemExit(f"no {eval_root}/*/errors_summary.json yet: evaluate with --error_analysis true first.")
+        _emit(error_table(found), out, into, start, end)
+        return
+    if seeds:
         groups = seed_groups(eval_root)
         if not groups:
             raise SystemExit(f"{eval_root}/replicas: no seed replicas evaluated yet (scripts/evaluate_all.sh with "

@@ -282,13 +282,22 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
     proc = run_script("results_table.py", "--into", str(page))
     assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
     # every other named block (an archived recipe, a budget study) holds the rows of bundle/eval/<block>/, a block
-    # <root>_seeds the seed table of bundle/eval/<root>/replicas; the plain-Reinhard recipe's seed table is in the seed block
+    # <root>_seeds the seed table of bundle/eval/<root>/replicas, a block errors / <root>_errors the error analysis;
+    # the plain-Reinhard recipe's seed table is in the seed block
     for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
         text = doc.read_text()
         names = re.findall(r"<!-- ([A-Za-z0-9_ -]+) table: generated -->", text)
         assert "plain_reinhard_recipe" in names, f"{doc}: the archived plain-Reinhard recipe's block is missing"
         for name in names:
             if name in ("results", "seed"):
+                continue
+            if name == "errors" or name.endswith("_errors"):  # the error analysis of bundle/eval or of bundle/eval/<root>
+                archive = REPO / "bundle" / "eval" / ("" if name == "errors" else name[: -len("_errors")])
+                found = module.load_errors(archive)
+                assert found, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/*/errors_summary.json"
+                assert block(text, name) == module.error_table(found), (
+                    f"{doc}: run python scripts/results_table.py --errors --eval_root {archive.relative_to(REPO)} "
+                    f"--block {name} --into {doc.relative_to(REPO)}")
                 continue
             if name.endswith("_seeds"):
                 archive = REPO / "bundle" / "eval" / name[: -len("_seeds")]
@@ -309,6 +318,28 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
         seeds = module.seed_table(module.seed_groups(archive))
         assert block(text, "seed") == seeds, (f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
                                 f"--into {doc.relative_to(REPO)}")
+
+
+def test_results_table_errors_block(tmp_path):
+    """--errors reads <eval_root>/*/errors_summary.json (sorted by AJI) into the errors block; none is refused."""
+    root = tmp_path / "eval"
+    for name, a in (("weak", 0.31), ("strong", 0.52)):
+        (root / name).mkdir(parents=True)
+        (root / name / "errors_summary.json").write_text(json.dumps({
+            "method": name, "n_images": 11, "aji": a, "aji_oracle_split": a + 0.1, "aji_true_foreground": 0.9, "dice": 0.75,
+            "n_true": 900, "n_pred": 800, "merges": 20, "merged_true": 45, "split_true": 30, "missed_true": 60, "false_pred": 70}))
+    page = tmp_path / "page.md"
+    page.write_text("<!-- errors table: generated -->\nold\n<!-- end of errors table -->\n")
+    proc = run_script("results_table.py", "--errors", "--eval_root", str(root), "--into", str(page))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert rows == ["| strong | 800 / 900 | 0.5200 | 0.6200 | 0.9000 | 0.7500 | 45 (20) | 30 | 60 | 70 |",
+                    "| weak | 800 / 900 | 0.3100 | 0.4100 | 0.9000 | 0.7500 | 45 (20) | 30 | 60 | 70 |"]
+    assert "old" not in page.read_text() and "| strong |" in page.read_text()
+    none = run_script("results_table.py", "--errors", "--eval_root", str(tmp_path / "nothing"))
+    assert none.returncode != 0 and "--error_analysis true" in none.stderr
+    both = run_script("results_table.py", "--errors", "--seeds")
+    assert both.returncode != 0 and "one table at a time" in both.stderr
 
 
 def test_named_block_and_eval_root(tmp_path):
