@@ -11,7 +11,7 @@
 # `results_table.py --seeds`; every other evaluation goes to $EVAL_ROOT/<name>/ (default
 # EVAL_ROOT=bundle/eval; e.g. EVAL_ROOT=bundle/eval/plain_reinhard_recipe for that archived recipe's
 # models in bundle/models/ablations/plain_reinhard_recipe). With NAMEs, only those folders are
-# evaluated (no model, no baselines).
+# evaluated (no model, no baselines). Every evaluation writes its error analysis too (--error_analysis true).
 set -euo pipefail
 DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]}
 RUNS=${2:-bundle/runs}
@@ -43,7 +43,7 @@ for n in "${NAMES[@]}"; do
   ablation=$C/ablations/$variant.json; extra=(); [ -f "$ablation" ] && extra=("$ablation")
   $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --checkpoint "$d/model.pt" --write_model \
       --out_config "$d/postprocess_tuned.json" ${extra[@]:+--config "${extra[0]}"} "${slope[@]}"
-  into=$dir evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt"
+  into=$dir evaluate "$n" "${extra[@]}" -- --checkpoint "$d/model.pt" --error_analysis true
 done
 $PY scripts/results_table.py --eval_root "$EVAL_ROOT"
 if [ -d "$EVAL_ROOT/replicas" ]; then $PY scripts/results_table.py --seeds --eval_root "$EVAL_ROOT"; fi
