@@ -25,7 +25,7 @@ from custom.config import flag
 from custom.data import IMAGENET_MEAN, IMAGENET_STD
 from custom.diagnostics import ERROR_NAMES, oracle_split, segmentation_errors
 from custom.files import write_atomic
-from custom.metrics import COUNT_NAMES, METRIC_NAMES, cached_instance_metrics
+from custom.metrics import COUNT_NAMES, METRIC_NAMES, aji, cached_instance_metrics
 from custom.networks import save_attention_network
 from custom.postprocess import mask_to_instances
 
@@ -603,8 +603,8 @@ class ErrorAnalysisReport(_PerImageReport):
         scores = cached_instance_metrics(gt, pred)
         return {
             "aji": scores["aji"],
-            "aji_oracle_split": cached_instance_metrics(gt, oracle_split(gt, pred))["aji"],
-            "aji_true_foreground": cached_instance_metrics(gt, mask_to_instances(gt > 0, **self.mask_params).astype(np.int64))["aji"],
+            "aji_oracle_split": aji(gt, oracle_split(gt, pred)),
+            "aji_true_foreground": aji(gt, mask_to_instances(gt > 0, **self.mask_params).astype(np.int64)),
             "dice": scores["dice"],
             **segmentation_errors(gt, pred),
         }
