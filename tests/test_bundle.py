@@ -67,6 +67,8 @@ def test_training_writes_events_checkpoints_and_model(tmp_path):
         ("iterations_500", lambda p: (p["epochs"], p["iterations_per_epoch"]) == (5, 100)),
         ("prior_gain2", lambda p: p.get_parsed_content("network_def").stain_prior_gain == 2.0
          and (p["epochs"], p["iterations_per_epoch"]) == (5, 100)),
+        # no learning: Adam at learning rate 0 and no weight decay leaves F at its initialisation
+        ("no_learning", lambda p: all(g["lr"] == 0.0 and g["weight_decay"] == 0.0 for g in p.get_parsed_content("optimizer").param_groups)),
     ],
 )
 def test_ablation_overrides(ablation, check):
