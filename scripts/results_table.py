@@ -118,14 +118,7 @@ ERROR_COUNTS = [("merged_true", "true nuclei merged (merges)", "merges"), ("spli
 
 def load_errors(eval_root) -> list[dict]:
     """Every ``<eval_root>/*/errors_summary.json``, sorted by AJI, best first."""
-    out = []
-    for f in sorted(Path(eval_root).glob("*/errors_summary.json")):
-        try:
-            out.append(json.loads(f.read_text()))
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"{f}: not valid JSON ({e}).") from e
-    out.sort(key=lambda s: -_aji_key(s))
-    return out
+    return sorted(load_summaries(sorted(Path(eval_root).glob("*/errors_summary.json"))), key=lambda s: -_aji_key(s))
 
 
 def error_table(summaries: list[dict]) -> str:
@@ -137,6 +130,8 @@ def error_table(summaries: list[dict]) -> str:
         cells += [f"{s.get(k, '?')} ({s.get(extra, '?')})" if extra else str(s.get(k, "?")) for k, _, extra in ERROR_COUNTS]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
 SEED_COLUMNS = [("aji", "AJI", 4), ("dice", "ADC (Dice)", 4), ("ahd", "AHD (px)", 2), ("pq", "PQ", 4)]
 
 
