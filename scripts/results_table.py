@@ -8,10 +8,11 @@ Usage::
     python scripts/results_table.py bundle/eval/model bundle/eval/hematoxylin_otsu --paper false
     python scripts/results_table.py --out bundle/docs/results.md
     python scripts/results_table.py --into README.md      # refill the README's generated block
-    python scripts/results_table.py --seeds --into README.md   # the seed table and its block
+    python scripts/results_table.py --seeds --into README.md   # the seed table of bundle/eval/replicas, its block
     python scripts/results_table.py --eval_root bundle/eval/plain_reinhard_recipe --paper false \
         --block plain_reinhard_recipe --into README.md         # an archived recipe's rows, its own block
     python scripts/results_table.py --errors --into README.md  # the error analysis and its block
+    scripts/refresh_tables.sh                                  # every generated block of README.md and the model card
 
 Rows: one per summary (its ``method``; default: every ``<eval_root>/*/summary.json``),
 in the order given (default: sorted by AJI),

@@ -505,3 +505,27 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
     bad = study("5", str(untuned), PYTHON=sys.executable)
     assert bad.returncode == 2 and "REFERENCE_MODEL: " in bad.stderr and "stores no tuned post-processing" in bad.stderr
     assert not (tmp_path / "runs" / "b5_control").exists() and "Traceback" not in bad.stderr
+
+
+def test_refresh_tables_refills_every_generated_block(tmp_path):
+    """scripts/refresh_tables.sh, run on copies of the two documents whose every generated block has
+    been blanked, gives back the committed documents: one command regenerates all their tables."""
+    for rel in ("README.md", "bundle/docs/README.md", "scripts/results_table.py", "scripts/refresh_tables.sh"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((REPO / rel).read_bytes())
+    (tmp_path / "bundle" / "eval").symlink_to(REPO / "bundle" / "eval")
+    (tmp_path / "custom").symlink_to(REPO / "custom")
+    blanked = 0
+    for rel in ("README.md", "bundle/docs/README.md"):
+        doc = tmp_path / rel
+        text, n = re.subn(r"(<!-- (\S+) table: generated -->\n).*?(\n<!-- end of \2 table -->)", r"\1stale\3",
+                          doc.read_text(), flags=re.S)
+        assert n >= 6 and "| 0." not in text.split("<!-- results table: generated -->")[1].split("<!-- end of")[0]
+        doc.write_text(text)
+        blanked += n
+    proc = subprocess.run(["bash", "scripts/refresh_tables.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    for rel in ("README.md", "bundle/docs/README.md"):
+        assert (tmp_path / rel).read_text() == (REPO / rel).read_text(), f"{rel}: a block refresh_tables.sh does not refill"
+    assert blanked >= 17
