@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from custom.metrics import _check_pair, _Overlap
+from custom.metrics import check_instance_pair, InstanceOverlap
 
 __all__ = ["ERROR_NAMES", "oracle_split", "segmentation_errors"]
 
@@ -47,7 +47,7 @@ def oracle_split(gt: Any, pred: Any) -> np.ndarray:
         in pixels; a pixel inside a true nucleus carries that nucleus); each component that overlaps
         none is one instance with an id above ``gt.max()``.
     """
-    gt, pred = _check_pair(gt, pred, allow_integral_float=True)
+    gt, pred = check_instance_pair(gt, pred, allow_integral_float=True)
     gt = gt.astype(np.int64, copy=False)
     fg = pred > 0
     out = np.zeros(gt.shape, np.int64)
@@ -91,8 +91,8 @@ def segmentation_errors(gt: Any, pred: Any, hold: float = 0.5, part: float = 0.2
         raise ValueError(f"hold must be in [0.5, 1], got {hold!r}.")
     if not 0.0 < float(part) < 1.0:
         raise ValueError(f"part must be in (0, 1), got {part!r}.")
-    gt, pred = _check_pair(gt, pred, allow_integral_float=True)
-    ov = _Overlap(gt, pred)
+    gt, pred = check_instance_pair(gt, pred, allow_integral_float=True)
+    ov = InstanceOverlap(gt, pred)
     g_frac = ov.inter / ov.g_area[ov.pair_g]  # share of each true nucleus in each overlapping prediction
     held_by = np.bincount(ov.pair_p[g_frac >= hold], minlength=ov.n_p)
     pieces = np.bincount(ov.pair_g[g_frac >= part], minlength=ov.n_g)

@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 __all__ = [
     "COUNT_NAMES",
     "INSTANCE_METRIC_KEYS",
+    "InstanceOverlap",
     "METRIC_NAMES",
     "NucleiInstanceMetric",
     "NucleiMetricHandler",
@@ -41,6 +42,7 @@ __all__ = [
     "aji",
     "aji_plus",
     "cached_instance_metrics",
+    "check_instance_pair",
     "detection_scores",
     "dice_foreground",
     "instance_metrics",
@@ -86,7 +88,9 @@ def _as_instance_map(x: Any, name: str, allow_integral_float: bool = False) -> n
     return x
 
 
-def _check_pair(gt: Any, pred: Any, allow_integral_float: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def check_instance_pair(gt: Any, pred: Any, allow_integral_float: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``gt`` and ``pred`` as ``(H, W)`` integer instance maps of one shape (0 = background), or a
+    ``ValueError`` naming the map that is not one; ``allow_integral_float`` accepts float maps of whole numbers."""
     gt = _as_instance_map(gt, "gt", allow_integral_float)
     pred = _as_instance_map(pred, "pred", allow_integral_float)
     if gt.shape != pred.shape:
@@ -112,7 +116,7 @@ def _relabel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inverse.astype(np.intp).ravel() + 1, counts
 
 
-class _Overlap:
+class InstanceOverlap:
     """Contingency table of two instance maps, computed once and shared by every metric.
 
     Nuclei are indexed 0..n_g-1 / 0..n_p-1 in increasing order of their ids; the maps ``g_lab`` / ``p_lab``
@@ -140,7 +144,7 @@ class _Overlap:
         return self.n_g == 0 and self.n_p == 0
 
 
-def _max_iou_matching(ov: _Overlap, candidates: np.ndarray) -> np.ndarray:
+def _max_iou_matching(ov: InstanceOverlap, candidates: np.ndarray) -> np.ndarray:
     """Indices of the pairs (among ``candidates``, a boolean mask over ``ov``'s pairs) of a one-to-one
     matching maximising the summed IoU (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``).
 
@@ -180,7 +184,7 @@ def _max_iou_matching(ov: _Overlap, candidates: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _aji(ov: _Overlap) -> float:
+def _aji(ov: InstanceOverlap) -> float:
     if ov.both_empty:
         return 1.0
     if ov.inter.size == 0:
@@ -193,13 +197,13 @@ def _aji(ov: _Overlap) -> float:
     return _aggregated_jaccard(ov, order[first])
 
 
-def _aji_plus(ov: _Overlap) -> float:
+def _aji_plus(ov: InstanceOverlap) -> float:
     if ov.both_empty:
         return 1.0
     return _aggregated_jaccard(ov, _max_iou_matching(ov, ov.iou > 0))
 
 
-def _aggregated_jaccard(ov: _Overlap, pairs: np.ndarray) -> float:
+def _aggregated_jaccard(ov: InstanceOverlap, pairs: np.ndarray) -> float:
     """C / U over the chosen (G, P) ``pairs`` (indices into the overlap table): C and U sum
     their intersections and unions; every G and every P in no chosen pair adds its area to U."""
     matched_g = np.zeros(ov.n_g, bool)
@@ -211,12 +215,12 @@ def _aggregated_jaccard(ov: _Overlap, pairs: np.ndarray) -> float:
     return float(c / u)
 
 
-def _dice(ov: _Overlap) -> float:
+def _dice(ov: InstanceOverlap) -> float:
     total = int(ov.g_area.sum() + ov.p_area.sum())
     return 1.0 if total == 0 else 2.0 * ov.fg_inter / total
 
 
-def _ahd(ov: _Overlap) -> float:
+def _ahd(ov: InstanceOverlap) -> float:
     if ov.inter.size == 0:
         return float("nan")
     boxes = ndimage.find_objects(ov.g_lab, max_label=ov.n_g)
@@ -244,7 +248,7 @@ def _ahd(ov: _Overlap) -> float:
     return float(per_gt.mean())
 
 
-def _pq(ov: _Overlap, iou_threshold: float) -> dict[str, float]:
+def _pq(ov: InstanceOverlap, iou_threshold: float) -> dict[str, float]:
     sel = _max_iou_matching(ov, ov.iou > iou_threshold)
     tp = int(sel.size)
     fp, fn = ov.n_p - tp, ov.n_g - tp
@@ -289,7 +293,7 @@ def aji(gt: Any, pred: Any) -> float:
     Returns:
         AJI in [0, 1]; 1.0 when both maps are empty (by convention), 0.0 when exactly one is.
     """
-    return _aji(_Overlap(*_check_pair(gt, pred)))
+    return _aji(InstanceOverlap(*check_instance_pair(gt, pred)))
 
 
 def aji_plus(gt: Any, pred: Any) -> float:
@@ -302,7 +306,7 @@ def aji_plus(gt: Any, pred: Any) -> float:
     Args:
         gt, pred: instance maps ``(H, W)`` of non-negative integer ids (0 = background).
     """
-    return _aji_plus(_Overlap(*_check_pair(gt, pred)))
+    return _aji_plus(InstanceOverlap(*check_instance_pair(gt, pred)))
 
 
 def dice_foreground(gt: Any, pred: Any) -> float:
@@ -313,7 +317,7 @@ def dice_foreground(gt: Any, pred: Any) -> float:
     Args:
         gt, pred: instance maps ``(H, W)`` of non-negative integer ids (0 = background).
     """
-    return _dice(_Overlap(*_check_pair(gt, pred)))
+    return _dice(InstanceOverlap(*check_instance_pair(gt, pred)))
 
 
 def ahd(gt: Any, pred: Any) -> float:
@@ -330,7 +334,7 @@ def ahd(gt: Any, pred: Any) -> float:
     Args:
         gt, pred: instance maps ``(H, W)`` of non-negative integer ids (0 = background).
     """
-    return _ahd(_Overlap(*_check_pair(gt, pred)))
+    return _ahd(InstanceOverlap(*check_instance_pair(gt, pred)))
 
 
 def panoptic_quality(gt: Any, pred: Any, iou_threshold: float = 0.5) -> dict[str, float]:
@@ -350,7 +354,7 @@ def panoptic_quality(gt: Any, pred: Any, iou_threshold: float = 0.5) -> dict[str
         pq = dq = sq = 1.0 (our convention: MONAI's ``compute_panoptic_quality`` has no explicit one and
         returns 0 there only through its 1e-6 smoothing term).
     """
-    return _pq(_Overlap(*_check_pair(gt, pred)), _check_threshold(iou_threshold))
+    return _pq(InstanceOverlap(*check_instance_pair(gt, pred)), _check_threshold(iou_threshold))
 
 
 def detection_scores(gt: Any, pred: Any, iou_threshold: float = 0.5) -> dict[str, float]:
@@ -362,7 +366,7 @@ def detection_scores(gt: Any, pred: Any, iou_threshold: float = 0.5) -> dict[str
     Returns:
         dict with ``precision``, ``recall``, ``f1`` and ``tp``, ``fp``, ``fn``.
     """
-    ov = _Overlap(*_check_pair(gt, pred))
+    ov = InstanceOverlap(*check_instance_pair(gt, pred))
     return _detection(_pq(ov, _check_threshold(iou_threshold)), ov.both_empty)
 
 
@@ -377,7 +381,7 @@ def instance_metrics(gt: Any, pred: Any, iou_threshold: float = 0.5) -> dict[str
         dict with the keys of ``INSTANCE_METRIC_KEYS``: "aji", "aji_plus", "dice", "ahd" (pixels, may be NaN),
         "pq", "dq", "sq", "precision", "recall", "f1", "n_true", "n_pred" (nucleus counts, as floats).
     """
-    ov = _Overlap(*_check_pair(gt, pred))
+    ov = InstanceOverlap(*check_instance_pair(gt, pred))
     pq = _pq(ov, _check_threshold(iou_threshold))
     det = _detection(pq, ov.both_empty)
     return {
@@ -475,7 +479,7 @@ class NucleiInstanceMetric(CumulativeIterationMetric):
             raise ValueError(f"y_pred and y must have the same shape, got {preds.shape} and {gts.shape}.")
         values = []
         for p, g in zip(preds, gts):
-            g, p = _check_pair(g, p, allow_integral_float=True)
+            g, p = check_instance_pair(g, p, allow_integral_float=True)
             values.append(cached_instance_metrics(g, p)[self.metric_name])
         device = y_pred.device if isinstance(y_pred, torch.Tensor) else None
         return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1)
