@@ -12,6 +12,7 @@ Usage::
     python scripts/results_table.py --eval_root bundle/eval/plain_reinhard_recipe --paper false \
         --block plain_reinhard_recipe --into README.md         # an archived recipe's rows, its own block
     python scripts/results_table.py --errors --into README.md  # the error analysis and its block
+    python scripts/results_table.py --refresh_all --into README.md  # every generated block, each by its name
     scripts/refresh_tables.sh                                  # every generated block of README.md and the model card
 
 Rows: one per summary (its ``method``; default: every ``<eval_root>/*/summary.json``),
@@ -183,9 +184,86 @@ def replace_block(text: str, table_text: str, source: str = "the document", star
     return text[: start + len(start_marker)] + "\n" + table_text + "\n" + text[end:]
 
 
+def _eval_summaries(eval_root) -> list[dict]:
+    """Every ``<eval_root>/*/summary.json`` (in path order), or ``SystemExit`` when there is none."""
+    found = sorted(Path(eval_root).glob("*/summary.json"))
+    if not found:
+        raise SystemExit(f"no {eval_root}/*/summary.json yet: run the evaluation first (README, 'Evaluate').")
+    return load_summaries(found)
+
+
+def summary_table_of(eval_root, paper: bool = True) -> str:
+    """:func:`table` of every ``<eval_root>/*/summary.json``, best AJI first (``SystemExit`` when none)."""
+    return table(sorted(_eval_summaries(eval_root), key=lambda s: -_aji_key(s)), paper)
+
+
+def seed_table_of(eval_root) -> str:
+    """:func:`seed_table` of ``eval_root``'s replicas (``SystemExit`` when none)."""
+    groups = seed_groups(eval_root)
+    if not groups:
+        raise SystemExit(f"{eval_root}/replicas: no seed replicas evaluated yet (scripts/evaluate_all.sh with "
+                         "<variant>_s<seed> run folders).")
+    return seed_table(groups)
+
+
+def error_table_of(eval_root) -> str:
+    """:func:`error_table` of every ``<eval_root>/*/errors_summary.json`` (``SystemExit`` when none)."""
+    found = load_errors(eval_root)
+    if not found:
+        raise SystemExit(f"no {eval_root}/*/errors_summary.json yet: evaluate with --error_analysis true first.")
+    return error_table(found)
+
+
+# the block "seed" holds the seed table of this archived recipe (the block predates the naming convention)
+SEED_BLOCK_ROOT = "plain_reinhard_recipe"
+BLOCK_NAME = re.compile(r"<!-- ([A-Za-z0-9_ -]+) table: generated -->")
+
+
+def block_table(name: str, eval_root) -> str:
+    """The table that the generated Markdown block ``name`` holds, from the outputs under ``eval_root``:
+
+    - ``results``: every ``<eval_root>/*/summary.json`` with the paper's rows;
+    - ``seed``: the seed table of ``<eval_root>/plain_reinhard_recipe`` (:data:`SEED_BLOCK_ROOT`);
+    - ``errors`` / ``<root>_errors``: the error analysis of ``eval_root`` / ``<eval_root>/<root>``;
+    - ``<root>_seeds``: the seed table of ``<eval_root>/<root>``;
+    - any other ``<root>``: every ``<eval_root>/<root>/*/summary.json``, without the paper's rows.
+    """
+    root = Path(eval_root)
+    if name == "results":
+        return summary_table_of(root)
+    if name == "seed":
+        return seed_table_of(root / SEED_BLOCK_ROOT)
+    if name == "errors":
+        return error_table_of(root)
+    if name.endswith("_errors"):
+        return error_table_of(root / name[: -len("_errors")])
+    if name.endswith("_seeds"):
+        return seed_table_of(root / name[: -len("_seeds")])
+    return summary_table_of(root / name, paper=False)
+
+
+def refresh(doc, eval_root) -> list[str]:
+    """Refill every generated block of the Markdown file ``doc`` with :func:`block_table` of its name
+    and write the file once (atomically). Returns the block names, in document order."""
+    try:
+        text = Path(doc).read_text()
+    except OSError as e:
+        raise SystemExit(f"--into {doc}: {e}") from e
+    names = BLOCK_NAME.findall(text)
+    if not names:
+        raise SystemExit(f"--into {doc}: no '<!-- NAME table: generated -->' block to refresh.")
+    for name in names:
+        try:
+            text = replace_block(text, block_table(name, eval_root), str(doc), *markers(name))
+        except ValueError as e:
+            raise SystemExit(f"--into {doc}: {e}") from e
+    write_atomic(doc, lambda tmp: Path(tmp).write_text(text))
+    return names
+
+
 def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None,
          seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval"), block: str | None = None,
-         errors: bool = False) -> None:
+         errors: bool = False, refresh_all: bool = False) -> None:
     """Print (and optionally write to ``out``) the comparison table, with ``seeds`` the seed table, or
     with ``errors`` the error-analysis table.
 
@@ -206,8 +284,15 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
             with ``errors``).
         errors: print the error-analysis table of every ``<eval_root>/*/errors_summary.json`` instead
             (``paths``, ``paper`` and ``sort`` do not apply).
+        refresh_all: refill every generated block of ``into``, each with the table its name stands
+            for (:func:`block_table`), and print their names; the other options do not apply.
     """
     seeds, errors = flag(seeds, "--seeds"), flag(errors, "--errors")
+    if flag(refresh_all, "--refresh_all"):
+        if not into:
+            raise SystemExit("--refresh_all: name the Markdown file to refill with --into.")
+        print(f"{into}: refilled {', '.join(refresh(into, eval_root))}")
+        return
     if seeds and errors:
         raise SystemExit("--seeds and --errors: one table at a time.")
     try:
@@ -215,23 +300,12 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
     except ValueError as e:
         raise SystemExit(str(e)) from e
     if errors:
-        found = load_errors(eval_root)
-        if not found:
-            raise SystemExit(f"no {eval_root}/*/errors_summary.json yet: evaluate with --error_analysis true first.")
-        _emit(error_table(found), out, into, start, end)
+        _emit(error_table_of(eval_root), out, into, start, end)
         return
     if seeds:
-        groups = seed_groups(eval_root)
-        if not groups:
-            raise SystemExit(f"{eval_root}/replicas: no seed replicas evaluated yet (scripts/evaluate_all.sh with "
-                             "<variant>_s<seed> run folders).")
-        _emit(seed_table(groups), out, into, start, end)
+        _emit(seed_table_of(eval_root), out, into, start, end)
         return
-    if not paths:
-        paths = sorted(str(p) for p in Path(eval_root).glob("*/summary.json"))
-        if not paths:
-            raise SystemExit(f"no {eval_root}/*/summary.json yet: run the evaluation first (README, 'Evaluate').")
-    summaries = load_summaries(paths)
+    summaries = load_summaries(paths) if paths else _eval_summaries(eval_root)
     if flag(sort, "--sort"):
         summaries.sort(key=lambda s: -_aji_key(s))
     _emit(table(summaries, flag(paper, "--paper")), out, into, start, end)

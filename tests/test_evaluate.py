@@ -529,3 +529,9 @@ def test_refresh_tables_refills_every_generated_block(tmp_path):
     for rel in ("README.md", "bundle/docs/README.md"):
         assert (tmp_path / rel).read_text() == (REPO / rel).read_text(), f"{rel}: a block refresh_tables.sh does not refill"
     assert blanked >= 17
+    proc = run_script("results_table.py", "--refresh_all")
+    assert proc.returncode != 0 and "--refresh_all: name the Markdown file to refill with --into." in proc.stderr
+    (tmp_path / "plain.md").write_text("no generated blocks here\n")
+    proc = run_script("results_table.py", "--refresh_all", "--into", str(tmp_path / "plain.md"))
+    assert proc.returncode != 0 and "no '<!-- NAME table: generated -->' block to refresh" in proc.stderr
+    assert (tmp_path / "plain.md").read_text() == "no generated blocks here\n"
