@@ -1,36 +1,36 @@
 """Self-supervised nuclei segmentation with attention (Sahasrabudhe et al., MICCAI 2020).
 
-Modules
--------
-config      boolean settings as they arrive from the command line
-files       atomic file writes (whole or absent)
-networks    attention network F, percentile sigmoid, the F+G scale model
-losses      scale, smoothness and equivariance losses
-transforms  dihedral group, Reinhard colour transfer, HED jitter (array + dict pairs)
-data        prepared-layout reading, multi-magnification datasets, balanced batch sampler
-monuseg     MoNuSeg download and XML-to-label conversion
-engine      the training iteration run by MONAI's SupervisedTrainer
-handlers    Ignite handlers: TensorBoard attention maps, model export
-inference   whole-image attention inference: exact tiling, test-time augmentation
-postprocess attention map -> nucleus instances (the paper's watershed), transform + handler
-metrics     AJI, AHD, ADC (the authors' definitions), AJI+, PQ, F1 as MONAI/Ignite metrics
-nuclei      nucleus polygons and measurements, streaming GeoJSON (QuPath) and CSV writers
-wsi         whole-slide reading (cuCIM / OpenSlide) at a magnification, tissue detection, slide lists
-wsi_data    whole-slide datasets: multi-magnification training tiles, inference windows
-wsi_outputs whole-slide inference outputs: stitched nuclei, GeoJSON/CSV/overlay/summary per slide
+Packages, one per job
+---------------------
+model       the attention network F, its percentile sigmoid, the F+G scale model, losses,
+            mixed precision, and the shipped model file (``model.pt``)
+data        the prepared dataset layout (images/, labels/, splits.json) and MoNuSeg preparation
+training    the self-supervised workflow: multi-magnification tiles, the training iteration,
+            its Ignite handlers (checkpoints, resume, seeds, TensorBoard, model export)
+inference   attention over a whole image (exact tiling, test-time augmentation) and the
+            post-processing that turns it into nucleus instances
+evaluation  AJI/AHD/Dice/PQ metrics, classical baselines, per-image reports, error analysis
+wsi         whole slides: reading at a magnification, tissue, slide datasets, region loading,
+            stitched outputs (QuPath GeoJSON, CSV, overlay, summary)
+
+Modules shared by all of them
+-----------------------------
+transforms    dihedral group, Reinhard colour transfer, HED jitter (array + dict pairs)
+command_line  checks of ``monai.bundle run`` overrides and boolean settings from the command line
+atomic_write  whole-or-absent file writes
+
+Config expressions reach them as ``$custom.model.networks.AttentionNet`` after ``import custom``:
+each package is imported on first use, so a script needing only ``custom.command_line`` does not
+pay for torch and MONAI.
 """
 
 import importlib
 
-_SUBMODULES = ("baselines", "config", "data", "engine", "files", "handlers", "inference", "losses", "metrics", "monuseg", "networks",
-               "nuclei", "postprocess", "regions", "transforms", "wsi", "wsi_data", "wsi_outputs")
+_SUBMODULES = ("atomic_write", "command_line", "data", "evaluation", "inference", "model", "training", "transforms", "wsi")
 __all__ = list(_SUBMODULES)
 
 
 def __getattr__(name: str):
-    """Config expressions (``"$custom.data.list_ids(...)"`` after ``import custom``) reach the submodules as
-    attributes: each is imported on first use, so that a script needing one light module (e.g.
-    ``custom.config``) does not pay for torch and MONAI."""
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,25 +16,22 @@ from monai.transforms import MapTransform, RandomizableTransform, Transform
 from skimage.color import lab2rgb, rgb2lab
 from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 
-__all__ = [
-    "DIHEDRAL_NAMES",
-    "EQUIVARIANCE_TRANSFORMS",
-    "RandDihedral",
-    "RandDihedrald",
-    "RandHEDJitter",
-    "RandHEDJitterd",
-    "ReinhardNormalize",
-    "ReinhardNormalized",
-    "dihedral",
-    "dihedral_inverse",
-    "reinhard_source_stats",
-    "reinhard_stats",
-]
+
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DIHEDRAL_NAMES', 'EQUIVARIANCE_TRANSFORMS', 'RandDihedral', 'RandDihedrald', 'RandHEDJitter', 'RandHEDJitterd', 'ReinhardNormalize', 'ReinhardNormalized', 'dihedral', 'dihedral_inverse', 'reinhard_source_stats', 'reinhard_stats']
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 # The eight elements of the dihedral group D4 acting on the last two axes (H, W).
 DIHEDRAL_NAMES = ("identity", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "antitranspose")
+
+
 # The paper's set T for the equivariance loss (section 3.2): indices into DIHEDRAL_NAMES.
 EQUIVARIANCE_TRANSFORMS = (1, 2, 3, 4, 5, 6)
+
+
 # Index of each element's inverse: rot90 and rot270 undo each other, the rest are involutions.
 _INVERSE = (0, 1, 2, 3, 6, 5, 4, 7)
 

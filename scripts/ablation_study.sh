@@ -41,8 +41,8 @@ mkdir -p "$RUNS_ROOT"
 # the reference model's tuned post-processing as an evaluation override (eval#tuned)
 pp=$RUNS_ROOT/budget${N}_reference_postprocess.json
 $PY -c "import json, sys
-from custom.files import write_atomic
-from custom.networks import stored_postprocess
+from custom.atomic_write import write_atomic
+from custom.model.checkpoint import stored_postprocess
 try:
     pp = stored_postprocess(sys.argv[1])
 except (OSError, ValueError) as e:

@@ -26,9 +26,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.inference import TiledAttentionInferer  # noqa: E402
-from custom.networks import AUTO_AMP, PRECISION_MODES, load_attention_weights, precision_modes, resolve_amp_dtype  # noqa: E402
-from custom.postprocess import attention_to_instances  # noqa: E402
+from custom.inference.inferer import TiledAttentionInferer  # noqa: E402
+from custom.model.precision import AUTO_AMP, PRECISION_MODES, precision_modes, resolve_amp_dtype  # noqa: E402
+from custom.model.checkpoint import load_attention_weights  # noqa: E402
+from custom.inference.postprocess import attention_to_instances  # noqa: E402
 
 
 def _image(size: int, seed: int = 0) -> torch.Tensor:
@@ -56,7 +57,7 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
         repeats: timed runs per setting (after one warm-up); the best is reported.
         threads: torch threads (default: torch's choice).
         device: "cpu" or "cuda" (the network and image go there; post-processing stays on the CPU).
-        modes: which of ``custom.networks.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
+        modes: which of ``custom.model.precision.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
         overrides: train.json keys for the architecture, e.g. ``--width 64``.
     """
     try:

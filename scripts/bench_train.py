@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from custom.losses import ScaleAttentionLoss
-from custom.networks import AUTO_AMP, PRECISION_MODES, AttentionNet, ScaleAttentionModel, precision_modes, resolve_amp_dtype, scale_classifier
+from custom.model.losses import ScaleAttentionLoss
+from custom.model.precision import AUTO_AMP, PRECISION_MODES, precision_modes, resolve_amp_dtype
+from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 
 
 def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iterations: int = 3, warmup: int = 1,
@@ -35,7 +36,7 @@ def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iteration
         iterations: timed steps per setting (after ``warmup`` untimed ones).
         device: "cpu" or "cuda" (default: cuda when present).
         threads: torch CPU threads (default: torch's choice).
-        modes: which of ``custom.networks.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
+        modes: which of ``custom.model.precision.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
     """
     try:
         chosen = precision_modes(modes)

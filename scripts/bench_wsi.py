@@ -13,7 +13,7 @@ the slide, glass elsewhere. Then:
 
 1. **Tile reads**: for each backend (cuCIM, OpenSlide) and magnification (10x, 20x,
    40x), ``reads`` random 224x224 tissue tiles through
-   :meth:`custom.wsi_data.WSITileDataset.read_tile` (the multi-magnification training
+   :meth:`custom.wsi.datasets.WSITileDataset.read_tile` (the multi-magnification training
    path), after a warm-up; reads/s and MB/s of decoded RGB. The slide file was just
    written or read, so it is in the page cache: this measures decoding, not the disk.
 2. **Whole-slide inference**: ``scripts/segment.py`` (the bundle's ``inference.json``
@@ -52,8 +52,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.wsi import write_pyramidal_tiff  # noqa: E402
-from custom.wsi_data import WSITileDataset  # noqa: E402
+from tests.slides import write_pyramidal_tiff  # noqa: E402
+from custom.wsi.datasets import WSITileDataset  # noqa: E402
 
 MPP = 0.25  # level-0 um/px (40x)
 MAGNIFICATIONS = (10, 20, 40)
@@ -227,7 +227,7 @@ def _inference_region(extra: dict) -> tuple[int, int]:
     """(core window, region read per window incl. halo and receptive context) in 40x pixels, from inference.json."""
     cfg = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
     window, halo = int(extra.get("window", cfg["window"])), int(extra.get("halo", cfg["halo"]))
-    context = 1 + 2 * sum(int(d) for d in cfg["dilations"])  # custom.inference.receptive_field_radius of AttentionNet
+    context = 1 + 2 * sum(int(d) for d in cfg["dilations"])  # custom.inference.inferer.receptive_field_radius of AttentionNet
     return window, window + 2 * (halo + context)
 
 
@@ -391,7 +391,7 @@ def memory(sizes: int | list | tuple = (2048, 4096, 8192, 16384), tissue_mp: flo
     child process of its own (cached in ``work_dir``), so the level-0 array it needs never
     counts. Then, each in a fresh child whose peak RSS is its own (``os.wait4``):
 
-    - **tile pass** (``tiles``): :class:`custom.wsi_data.WSITileDataset` at 10x, 20x, 40x,
+    - **tile pass** (``tiles``): :class:`custom.wsi.datasets.WSITileDataset` at 10x, 20x, 40x,
       every item read once (``every_tile``: every 224² grid tile, glass included, so all of
       level 0 and the 20x/10x levels go through the reader);
     - **inference**: ``scripts/segment.py`` as in the default command (TTA off), plus the

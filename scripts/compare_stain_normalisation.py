@@ -43,9 +43,11 @@ def compare(dataset_dir: str, split: str = "val", target_split: str = "train", s
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    from custom.networks import HematoxylinDensity
-    from custom.data import IMAGENET_MEAN, IMAGENET_STD, list_ids, load_label, load_rgb, reinhard_target
-    from custom.metrics import dice_foreground
+    from custom.model.networks import HematoxylinDensity
+    from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from custom.data.prepared import list_ids, load_label, load_rgb
+    from custom.training.tiles import reinhard_target
+    from custom.evaluation.metrics import dice_foreground
     from custom.transforms import ReinhardNormalize
 
     root = Path(dataset_dir)

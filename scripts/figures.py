@@ -43,8 +43,8 @@ def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: st
     from monai.bundle import ConfigParser
     from skimage.segmentation import find_boundaries
 
-    from custom.config import flag
-    from custom.metrics import dice_foreground, instance_metrics
+    from custom.command_line import flag
+    from custom.evaluation.metrics import dice_foreground, instance_metrics
 
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundle/configs/train.json"), *([config] if config else []), str(REPO / "bundle/configs/evaluate.json")])

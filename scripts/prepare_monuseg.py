@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 
 import fire
 
-from custom.monuseg import ensure_monuseg, has_prepared_data, prepare_monuseg
+from custom.data.monuseg import ensure_monuseg, has_prepared_data, prepare_monuseg
 
 
 def prepare(out_dir: str, raw_dir: str | None = None, download: bool = False, archive: str = "train") -> None:

@@ -41,8 +41,8 @@ from pathlib import Path
 import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from custom.config import flag  # noqa: E402
-from custom.files import write_atomic  # noqa: E402
+from custom.command_line import flag  # noqa: E402
+from custom.atomic_write import write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

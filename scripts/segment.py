@@ -23,7 +23,7 @@ other slides are segmented first: each bad one is logged as an ERROR when it is
 found, and the run ends with exit status 1 and the list of the bad ones (a rerun
 skips the finished slides). A slide without tissue is not an error: a WARNING, empty
 but valid outputs, exit status 0. RGBA, palette, CMYK and 16-bit images are
-converted to 8-bit RGB with a WARNING (see ``custom/wsi.py``).
+converted to 8-bit RGB with a WARNING (see ``custom/wsi/slide.py``).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         overwrite: recompute slides whose outputs are already complete.
         **overrides: any other inference.json key (window, halo, roi, magnification, amp_dtype, num_workers, ...).
     """
-    from custom.config import refuse_unknown_keys
-    from custom.wsi import list_slides
+    from custom.command_line import refuse_unknown_keys
+    from custom.wsi.slide import list_slides
 
     list_slides(input)  # a missing input or an empty folder fails here, before the bundle is parsed and the model loaded
     import torch
@@ -83,9 +83,9 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
 
 def error_message(e: BaseException) -> str:
     """What to tell the user about an exception the bundle may have wrapped: the first
-    ``custom.wsi.SlideError`` in its chain of causes (it names the input and what to do),
+    ``custom.wsi.slide.SlideError`` in its chain of causes (it names the input and what to do),
     else the root cause."""
-    from custom.wsi import SlideError
+    from custom.wsi.slide import SlideError
 
     chain = [e]
     while chain[-1].__cause__ is not None and len(chain) < 100:

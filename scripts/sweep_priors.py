@@ -22,13 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import custom  # noqa: E402
-from custom.data import BalancedMagnificationBatchSampler, MultiMagnificationDataset, list_ids, load_rgb, reinhard_target  # noqa: E402
-from custom.losses import ScaleAttentionLoss  # noqa: E402
-from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier  # noqa: E402
+from custom.training.tiles import BalancedMagnificationBatchSampler, MultiMagnificationDataset, reinhard_target  # noqa: E402
+from custom.data.prepared import list_ids, load_rgb  # noqa: E402
+from custom.model.losses import ScaleAttentionLoss  # noqa: E402
+from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier  # noqa: E402
 from custom.transforms import RandDihedrald, RandHEDJitterd, ReinhardNormalize, ReinhardNormalized  # noqa: E402
 from monai.transforms import Compose, EnsureTyped, NormalizeIntensityd, RandSpatialCropd, ScaleIntensityRanged  # noqa: E402
 
-MEAN, STD = custom.data.IMAGENET_MEAN, custom.data.IMAGENET_STD
+MEAN, STD = custom.transforms.IMAGENET_MEAN, custom.transforms.IMAGENET_STD
 
 
 def _val_set(data, ids, target):

@@ -40,11 +40,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom.config import flag  # noqa: E402
-from custom.files import write_atomic  # noqa: E402
-from custom.metrics import instance_metrics  # noqa: E402
-from custom.networks import check_sigmoid_slope  # noqa: E402
-from custom.postprocess import DEFAULT_OTSU_RANGE, OTSU, attention_to_instances  # noqa: E402
+from custom.command_line import flag  # noqa: E402
+from custom.atomic_write import write_atomic  # noqa: E402
+from custom.evaluation.metrics import instance_metrics  # noqa: E402
+from custom.model.networks import check_sigmoid_slope  # noqa: E402
+from custom.inference.postprocess import DEFAULT_OTSU_RANGE, OTSU, attention_to_instances  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
 PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_radius": 7, "min_size": 0}
@@ -160,7 +160,7 @@ def main(
     if model_path is not None and write_model:  # the file must carry its stain target before the evaluation reads it
         _ensure_stain_target(parser, model_path, dataset_dir, train_split)
     if start == "stored":  # before the maps (minutes): a model without stored values cannot start from them
-        from custom.networks import stored_postprocess
+        from custom.model.checkpoint import stored_postprocess
 
         try:
             stored_postprocess(model_path)
@@ -204,7 +204,7 @@ def main(
     write_atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(override, indent=4) + "\n"))
     print(f"wrote {out}")
     if write_model and model_path is not None:
-        from custom.networks import save_attention_network
+        from custom.model.checkpoint import save_attention_network
 
         network.postprocess = dict(best, sharpness=sharpness, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": tta})
         save_attention_network(network, model_path)
@@ -212,8 +212,9 @@ def main(
 
 
 def _ensure_stain_target(parser, model_path: Path, dataset_dir: str, train_split: str) -> None:
-    from custom.data import list_ids, load_rgb, reinhard_target
-    from custom.networks import load_attention_weights, save_attention_network
+    from custom.data.prepared import list_ids, load_rgb
+    from custom.training.tiles import reinhard_target
+    from custom.model.checkpoint import load_attention_weights, save_attention_network
 
     net = load_attention_weights(parser.get_parsed_content("network_def", instantiate=True), str(model_path))
     if net.stain_target:

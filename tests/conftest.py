@@ -105,7 +105,7 @@ def synthetic_he(height: int, width: int, tissue_fraction: float = 0.6, seed: in
 @pytest.fixture(scope="session")
 def pyramid_slide(tmp_path_factory) -> Path:
     """A generated 3-level pyramidal TIFF (0.25 um/px = 40x, 1536x1280, tissue on the left 60 %)."""
-    from custom.wsi import write_pyramidal_tiff
+    from tests.slides import write_pyramidal_tiff
 
     path = tmp_path_factory.mktemp("slides") / "generated_pyramid.tiff"
     return write_pyramidal_tiff(path, synthetic_he(1536, 1280), mpp=0.25, levels=3)

@@ -18,8 +18,9 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import UNet
 
-from custom.config import check_overrides
-from custom.networks import AttentionNet, save_attention_network
+from custom.command_line import check_overrides
+from custom.model.networks import AttentionNet
+from custom.model.checkpoint import save_attention_network
 from tests.conftest import REPO, error_messages, make_prepared_dataset
 
 CONFIGS = REPO / "bundle" / "configs"

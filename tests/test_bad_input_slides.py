@@ -44,8 +44,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from custom.wsi import MAX_WHOLE_IMAGE_PIXELS, Slide, write_pyramidal_tiff
-from custom.wsi_outputs import complete_slides
+from custom.wsi.slide import MAX_WHOLE_IMAGE_PIXELS, Slide
+from tests.slides import write_pyramidal_tiff
+from custom.wsi.writer import complete_slides
 from tests.conftest import CMU_SLIDE, REPO, require_slide, synthetic_he
 from tests.test_wsi_outputs import SMALL, check_outputs, small_model  # noqa: F401 - small_model: a fixture used here
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from custom.baselines import BASELINES, HematoxylinLocalThreshold, HematoxylinOtsu
-from custom.data import IMAGENET_MEAN, IMAGENET_STD, load_label, load_rgb
-from custom.metrics import dice_foreground
-from custom.postprocess import attention_to_instances
+from custom.evaluation.baselines import BASELINES, HematoxylinLocalThreshold, HematoxylinOtsu
+from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
+from custom.data.prepared import load_label, load_rgb
+from custom.evaluation.metrics import dice_foreground
+from custom.inference.postprocess import attention_to_instances
 from tests.conftest import require_monuseg
 
 PINK, PURPLE = (235, 170, 200), (90, 50, 140)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom.networks import AttentionNet
+from custom.model.networks import AttentionNet
 from tests.conftest import REPO, make_prepared_dataset, require_monuseg
 
 CONFIGS = REPO / "bundle" / "configs"

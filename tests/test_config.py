@@ -1,8 +1,8 @@
-"""custom.config.flag: booleans as they arrive from `python -m monai.bundle run ... --key value`."""
+"""custom.command_line.flag: booleans as they arrive from `python -m monai.bundle run ... --key value`."""
 
 import pytest
 
-from custom.config import flag
+from custom.command_line import flag
 
 
 @pytest.mark.parametrize("value", [True, 1, "true", "True", "TRUE", "yes", "on", "1", " true "])

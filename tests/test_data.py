@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from custom.data import BalancedMagnificationBatchSampler, MultiMagnificationDataset, downsample, list_ids, load_rgb
+from custom.training.tiles import BalancedMagnificationBatchSampler, MultiMagnificationDataset, downsample
+from custom.data.prepared import list_ids, load_rgb
 from tests.conftest import make_prepared_dataset, require_monuseg
 
 
@@ -109,7 +110,7 @@ def test_real_monuseg_pyramid():
 def test_load_label_types_and_values(tmp_path):
     from PIL import Image
 
-    from custom.data import load_label
+    from custom.data.prepared import load_label
 
     label = np.zeros((6, 5), np.uint16)
     label[1:3, 1:3], label[4, 4] = 1000, 7  # ids above 255 survive
@@ -124,7 +125,7 @@ def test_load_label_types_and_values(tmp_path):
 def test_load_label_errors_name_the_file(tmp_path):
     from PIL import Image
 
-    from custom.data import load_label
+    from custom.data.prepared import load_label
 
     Image.fromarray(np.zeros((6, 5), np.uint16)).save(tmp_path / "small.png")
     with pytest.raises(ValueError, match="small.png") as info:
@@ -142,7 +143,7 @@ def test_load_label_errors_name_the_file(tmp_path):
 
 
 def test_prepared_image_dataset_items(tmp_path):
-    from custom.data import PreparedImageDataset, load_label
+    from custom.data.prepared import PreparedImageDataset, load_label
 
     root = make_prepared_dataset(tmp_path / "d", n_images=2, size=40)
     ids = list_ids(root)
@@ -162,7 +163,7 @@ def test_prepared_image_dataset_items(tmp_path):
 def test_prepared_image_dataset_label_errors(tmp_path):
     from PIL import Image
 
-    from custom.data import PreparedImageDataset
+    from custom.data.prepared import PreparedImageDataset
 
     root = make_prepared_dataset(tmp_path / "d", n_images=2, size=40)
     ids = list_ids(root)
@@ -176,8 +177,8 @@ def test_prepared_image_dataset_label_errors(tmp_path):
 
 
 def test_stain_target_of():
-    from custom.data import stain_target_of
-    from custom.networks import AttentionNet
+    from custom.model.checkpoint import stain_target_of
+    from custom.model.networks import AttentionNet
 
     target = [[70.0, 10.0, -10.0], [15.0, 8.0, 6.0]]
     means, stds = stain_target_of(AttentionNet(width=2, dilations=(1,), stain_target=target))
@@ -189,13 +190,12 @@ def test_stain_target_of():
 
 
 def test_stain_settings_of():
-    from custom.data import LEGACY_STAIN_SETTINGS, stain_settings_of
-    from custom.networks import AttentionNet
+    from custom.model.checkpoint import stain_settings_of
+    from custom.model.networks import AttentionNet
 
     stored = {"brightness_percentile": None, "max_std_ratio": 1.5}
     assert stain_settings_of(AttentionNet(width=2, dilations=(1,), stain_settings=stored)) == stored
-    # weights from before bundle 0.5.0 store none: they were trained with brightness 90 and no cap
-    legacy = stain_settings_of(AttentionNet(width=2, dilations=(1,)))
-    assert legacy == LEGACY_STAIN_SETTINGS == {"brightness_percentile": 90.0, "max_std_ratio": None}
+    with pytest.raises(ValueError, match="old/model.pt: the weights store no stain normalisation settings"):  # before 0.5.0
+        stain_settings_of(AttentionNet(width=2, dilations=(1,)), "old/model.pt")
     with pytest.raises(ValueError, match="max_std_ratio"):
         stain_settings_of(AttentionNet(width=2, dilations=(1,), stain_settings={"brightness_percentile": 90}))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from custom.diagnostics import ERROR_NAMES, oracle_split, segmentation_errors
-from custom.metrics import aji, dice_foreground
+from custom.evaluation.error_analysis import ERROR_NAMES, oracle_split, segmentation_errors
+from custom.evaluation.metrics import aji, dice_foreground
 
 
 def _two_nuclei():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom.data import BalancedMagnificationBatchSampler
+from custom.training.tiles import BalancedMagnificationBatchSampler
 from tests.conftest import REPO, make_prepared_dataset
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -91,7 +91,7 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_both(tmp_path):
     names its loss, rank 0 says another rank's was not finite; without the all-reduced check
     rank 0 failed in the gradient all-reduce with Gloo's "Connection closed by peer"); rank 0's
     checkpoint_final.pt holds the finite state after iteration 1. Rank 0's final save is slowed by
-    4 s: rank 1 must wait for it (custom.handlers.NonFiniteStopBarrier), or torchrun stops rank 0
+    4 s: rank 1 must wait for it (custom.training.handlers.NonFiniteStopBarrier), or torchrun stops rank 0
     when rank 1 exits, before the checkpoint is written."""
     nan_on_rank1 = {"training": [
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=2), "
@@ -142,7 +142,7 @@ def test_multi_gpu_overrides_name_existing_items():
     train = ConfigParser()
     train.read_config(str(REPO / "bundle" / "configs" / "train.json"))
     multi = json.loads((REPO / "bundle" / "configs" / "multi_gpu_train.json").read_text())
-    assert train["train#handlers#1#_target_"] == "custom.handlers.EpochSeedHandler"
+    assert train["train#handlers#1#_target_"] == "custom.training.handlers.EpochSeedHandler"
     for key in multi:
         parent = key.rpartition("#")[0]
         if parent and key not in ("train#handlers#1#rank", "train#sampler#rank", "train#sampler#world_size"):

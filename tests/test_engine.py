@@ -3,9 +3,9 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
-from custom.engine import ScaleAttentionIteration
-from custom.losses import ScaleAttentionLoss
-from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier
+from custom.training.engine import ScaleAttentionIteration
+from custom.model.losses import ScaleAttentionLoss
+from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 
 
 def _trainer(batches, sparse=True):

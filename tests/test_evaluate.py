@@ -14,7 +14,8 @@ import pytest
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from custom.networks import AttentionNet, save_attention_network
+from custom.model.networks import AttentionNet
+from custom.model.checkpoint import save_attention_network
 from tests.conftest import REPO, make_prepared_dataset
 
 CONFIGS = REPO / "bundle" / "configs"
@@ -48,7 +49,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def tiny_model(path: Path, stain_target=STAIN_TARGET, postprocess: dict | None = None) -> Path:
     """A width-4 attention network as the bundle's network_def builds it with --width 4 (stain prior "logit")."""
-    net = AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0)
+    net = AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0, stain_settings={"brightness_percentile": 90.0, "max_std_ratio": None})
     net.stain_target = stain_target
     net.postprocess = dict(postprocess or {})
     return save_attention_network(net, path)
@@ -100,8 +101,7 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
 
 @pytest.mark.parametrize("stored, expected", [
     ({"brightness_percentile": None, "max_std_ratio": 1.5}, (None, 1.5)),
-    (None, (90.0, None)),  # a model exported before the settings were stored: what it was trained with
-], ids=["stored", "legacy"])
+], ids=["stored"])
 def test_evaluation_normalises_with_the_models_own_stain_settings(tmp_path, stored, expected):
     net = AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0, stain_target=STAIN_TARGET, stain_settings=stored)
     model = save_attention_network(net, tmp_path / "m.pt")
@@ -142,7 +142,7 @@ def test_tune_postprocess_stores_sharpness_and_may_pick_otsu(tmp_path, dataset):
     assert "round 1 morphology_radii: [2, 1]=" in proc.stdout and ", []=" in proc.stdout  # the paper's radii, down to none
     override = json.loads(out.read_text())
     assert override["eval#sharpness"] == 1.0 and override["eval#postprocess_params#otsu_range"] == [0.4, 0.6]
-    from custom.networks import load_attention_weights
+    from custom.model.checkpoint import load_attention_weights
     stored = load_attention_weights(AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0), str(model)).postprocess
     assert stored["sharpness"] == 1.0 and stored["threshold"] == override["eval#postprocess_params#threshold"]
     bad = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "0", "--out_config", str(out))
@@ -499,7 +499,8 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
         bad = study(*args, **extra)
         assert bad.returncode == 2 and message in bad.stderr and "run training" not in bad.stdout
     # a reference model without tuned post-processing is refused before anything is trained (real python)
-    from custom.networks import AttentionNet, save_attention_network
+    from custom.model.networks import AttentionNet
+    from custom.model.checkpoint import save_attention_network
 
     untuned = save_attention_network(AttentionNet(width=4), tmp_path / "untuned.pt")
     bad = study("5", str(untuned), PYTHON=sys.executable)

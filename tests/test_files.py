@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from custom.files import write_atomic
+from custom.atomic_write import write_atomic
 from tests.conftest import REPO
 
 
@@ -31,9 +31,9 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
 
 def test_custom_loads_submodules_on_first_use():
     """`import custom` stays light (no torch) until a config expression reaches a submodule."""
-    code = ("import sys, custom; assert 'torch' not in sys.modules; from custom.files import write_atomic; "
-            "assert 'torch' not in sys.modules; custom.postprocess.OTSU; assert 'torch' in sys.modules; "
-            "assert 'postprocess' in dir(custom)\n"
+    code = ("import sys, custom; assert 'torch' not in sys.modules; from custom.atomic_write import write_atomic; "
+            "assert 'torch' not in sys.modules; custom.inference.postprocess.OTSU; assert 'torch' in sys.modules; "
+            "assert 'inference' in dir(custom)\n"
             "try:\n    custom.nope\nexcept AttributeError as e:\n    assert 'nope' in str(e)\nelse:\n    raise SystemExit('no error')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -4,9 +4,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
-from custom.data import BalancedMagnificationBatchSampler
-from custom.handlers import AttentionMapTensorBoardHandler, BatchSamplerEpochHandler, ExportAttentionNetwork
-from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier
+from custom.training.tiles import BalancedMagnificationBatchSampler
+from custom.training.handlers import AttentionMapTensorBoardHandler, BatchSamplerEpochHandler, ExportAttentionNetwork
+from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 
 
 def test_export_writes_attention_net_only(tmp_path):
@@ -92,8 +92,8 @@ def test_evaluation_report_rows_and_summary(tmp_path):
     import json
     import math
 
-    from custom.handlers import EvaluationReport
-    from custom.metrics import COUNT_NAMES, METRIC_NAMES, aji, instance_metrics
+    from custom.evaluation.reports import EvaluationReport
+    from custom.evaluation.metrics import COUNT_NAMES, METRIC_NAMES, aji, instance_metrics
 
     out = tmp_path / "eval" / "m"
     report = EvaluationReport(str(out), method="my_method", settings={"split": "val", "tta": False})
@@ -130,8 +130,8 @@ def test_evaluation_report_rows_and_summary(tmp_path):
 
 def test_evaluation_report_not_decollated(tmp_path):
     """Batched output dict (B, 1, H, W) and batch dict {"id": [...]}: split along the batch."""
-    from custom.handlers import EvaluationReport
-    from custom.metrics import aji
+    from custom.evaluation.reports import EvaluationReport
+    from custom.evaluation.metrics import aji
 
     pairs = _pairs()
     batch = {"id": [p[0] for p in pairs]}
@@ -146,7 +146,7 @@ def test_evaluation_report_not_decollated(tmp_path):
 
 
 def test_evaluation_report_removes_stale_results_at_start(tmp_path):
-    from custom.handlers import EvaluationReport
+    from custom.evaluation.reports import EvaluationReport
 
     for name in ("summary.json", "summary.csv", "per_image.csv"):
         (tmp_path / name).write_text("from a previous run\n")
@@ -164,7 +164,7 @@ def test_evaluation_report_removes_stale_results_at_start(tmp_path):
 def test_overlay_writer_writes_one_png_per_image(tmp_path):
     from PIL import Image
 
-    from custom.handlers import OverlayWriter
+    from custom.evaluation.reports import OverlayWriter
 
     h, w = 20, 30
     rgb = torch.full((3, h, w), 100, dtype=torch.uint8)
@@ -252,7 +252,7 @@ def test_epoch_seed_handler_makes_each_epoch_a_function_of_seed_and_epoch(num_wo
     from monai.data import DataLoader, Dataset
     from monai.transforms import RandSpatialCropd
 
-    from custom.handlers import EpochSeedHandler
+    from custom.training.handlers import EpochSeedHandler
 
     def run(state: dict | None = None, seed: int | None = 7) -> list:
         torch.manual_seed(123 if state is None else 456)  # a different start: only the handler makes epochs agree
@@ -299,7 +299,7 @@ def _selection(save_dir, weight: float):
 
 
 def test_evaluator_state_keeps_the_best_model_across_a_resume(tmp_path):
-    from custom.handlers import EvaluatorState
+    from custom.training.handlers import EvaluatorState
 
     evaluator, saver = _selection(tmp_path, weight=1.0)
     evaluator.run(1)
@@ -324,7 +324,7 @@ def test_evaluator_state_keeps_the_best_model_across_a_resume(tmp_path):
 
 
 def test_evaluator_state_resumed_into_another_folder(tmp_path):
-    from custom.handlers import EvaluatorState
+    from custom.training.handlers import EvaluatorState
 
     evaluator, saver = _selection(tmp_path / "first", weight=1.0)
     evaluator.run(1)
@@ -339,7 +339,7 @@ def test_evaluator_state_resumed_into_another_folder(tmp_path):
 
 
 def _resume_objects():
-    from custom.handlers import EvaluatorState
+    from custom.training.handlers import EvaluatorState
 
     torch.manual_seed(1)
     net = torch.nn.Linear(3, 2)
@@ -349,7 +349,7 @@ def _resume_objects():
 
 
 def test_resume_loader_loads_checks_and_refuses(tmp_path):
-    from custom.handlers import ResumeCheckpointLoader
+    from custom.training.handlers import ResumeCheckpointLoader
 
     net, opt, _, _ = _resume_objects()
     net(torch.randn(4, 3)).sum().backward()
@@ -388,7 +388,7 @@ def test_checkpoint_saver_writes_its_final_checkpoint_on_an_exception(tmp_path):
     """MONAI's StatsHandler re-raises in EXCEPTION_RAISED, so a saver attached after it never ran there."""
     from monai.handlers import CheckpointSaver, StatsHandler
 
-    from custom.handlers import attach_checkpoint_saver
+    from custom.training.handlers import attach_checkpoint_saver
 
     def fail_at_2(engine, batch):
         if engine.state.iteration == 2:
@@ -413,7 +413,7 @@ def test_checkpoint_saver_writes_atomically(tmp_path, monkeypatch):
     checkpoint before writing the new one, so that one is gone; the epoch checkpoint stays whole)."""
     from monai.handlers import CheckpointSaver
 
-    from custom.handlers import attach_checkpoint_saver
+    from custom.training.handlers import attach_checkpoint_saver
 
     net = torch.nn.Linear(1, 1)
     engine = Engine(lambda e, b: None)
@@ -445,10 +445,10 @@ def test_error_analysis_report_files_and_ceilings(tmp_path):
     import csv
     import json
 
-    from custom.diagnostics import ERROR_NAMES, oracle_split
-    from custom.handlers import ERROR_SCORES, ErrorAnalysisReport
-    from custom.metrics import aji
-    from custom.postprocess import mask_to_instances
+    from custom.evaluation.error_analysis import ERROR_NAMES, oracle_split
+    from custom.evaluation.reports import ERROR_SCORES, ErrorAnalysisReport
+    from custom.evaluation.metrics import aji
+    from custom.inference.postprocess import mask_to_instances
 
     params = {"threshold": 0.5, "morphology_radii": [], "sigma": 0.0, "footprint_radius": 3, "min_size": 0, "marker_h": 0.0,
               "fill_holes": 0, "otsu_range": [0.4, 0.6]}
@@ -474,7 +474,7 @@ def test_error_analysis_report_files_and_ceilings(tmp_path):
 
 
 def test_error_analysis_report_refuses_incomplete_params(tmp_path):
-    from custom.handlers import ErrorAnalysisReport
+    from custom.evaluation.reports import ErrorAnalysisReport
 
     with pytest.raises(ValueError, match="marker_h"):
         ErrorAnalysisReport(str(tmp_path), {"morphology_radii": [], "sigma": 1.0, "footprint_radius": 3, "min_size": 0, "fill_holes": 0})

@@ -3,12 +3,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.inference import (
-    TiledAttentionInferer,
-    predict_attention,
-    receptive_field_radius,
-)
-from custom.networks import AttentionNet, ScaleAttentionModel, scale_classifier
+from custom.inference.inferer import TiledAttentionInferer, receptive_field_radius
+from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
 SMALL_DILATIONS = (1, 2, 3)  # receptive-field radius 13: cheap on CPU
@@ -118,17 +114,6 @@ def test_amp_and_channels_last_close_to_fp32():
     bf16 = TiledAttentionInferer(roi_size=32, tta=False, amp_dtype="bfloat16")(x, net)
     assert bf16.dtype == torch.float32 and bf16.shape == ref.shape
     assert (bf16 - ref).abs().mean().item() < 0.05
-
-
-def test_predict_attention_accepts_chw_numpy():
-    net = _net()
-    img = _image(3, 30, 20).numpy().astype(np.float64)
-    out = predict_attention(net, img, roi_size=16, tta=False)
-    assert out.shape == (1, 1, 30, 20) and out.dtype == torch.float32
-    with torch.no_grad():
-        torch.testing.assert_close(out, net(torch.as_tensor(img, dtype=torch.float32)[None]), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="image must have shape"):
-        predict_attention(net, np.zeros((30, 20), np.float32))
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from custom.losses import ScaleAttentionLoss, equivariance_loss, smoothness_loss
+from custom.model.losses import ScaleAttentionLoss, equivariance_loss, smoothness_loss
 
 
 def test_smoothness_on_hand_made_maps():

@@ -15,21 +15,8 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import directed_hausdorff
 
-import custom.metrics as M
-from custom.metrics import (
-    INSTANCE_METRIC_KEYS,
-    METRIC_NAMES,
-    NucleiInstanceMetric,
-    NucleiMetricHandler,
-    ahd,
-    aji,
-    aji_plus,
-    detection_scores,
-    dice_foreground,
-    instance_metrics,
-    nuclei_metric_handlers,
-    panoptic_quality,
-)
+import custom.evaluation.metrics as M
+from custom.evaluation.metrics import INSTANCE_METRIC_KEYS, METRIC_NAMES, NucleiInstanceMetric, NucleiMetricHandler, ahd, aji, aji_plus, detection_scores, dice_foreground, instance_metrics, panoptic_quality
 from tests.conftest import require_monuseg
 
 
@@ -305,8 +292,7 @@ def test_handlers_write_per_image_details(tmp_path, monkeypatch):
 
     engine = Engine(lambda engine, b: b)
     transform = from_engine(["pred_instances", "label"])
-    handlers = nuclei_metric_handlers(["aji", "ahd"], output_transform=transform)
-    handlers["pq"] = NucleiMetricHandler("pq", output_transform=transform)
+    handlers = {name: NucleiMetricHandler(name, output_transform=transform) for name in ("aji", "ahd", "pq")}
     for name, handler in handlers.items():
         handler.attach(engine, name)
     saver = MetricsSaver(

@@ -106,7 +106,7 @@ def test_preprocessing_leaves_whole_slide_windows_unchanged():
     """The loader added in front of ``preprocessing`` passes SlideWindowDataset's items
     (``image`` uint8 (3, h, w) plus per-slide ``stain``) through as the same objects, so
     scripts/segment.py normalises windows exactly as before."""
-    from custom.regions import LoadRegiond
+    from custom.wsi.load_region import LoadRegiond
     from custom.transforms import reinhard_source_stats
 
     parser = _bundle_config()
@@ -120,7 +120,7 @@ def test_preprocessing_leaves_whole_slide_windows_unchanged():
 
 def test_region_box_clips_and_scales():
     """Requested level-0 regions (x, y, width, height) -> analysis-grid boxes (y0, x0, y1, x1)."""
-    from custom.regions import region_box
+    from custom.wsi.load_region import region_box
 
     assert region_box((1000, 800), 1.0) == (0, 0, 1000, 800)  # no region: the whole image
     assert region_box((1000, 800), 1.0, (0, 0), (2048, 2048)) == (0, 0, 1000, 800)  # MONAI Label's default size, clipped
@@ -135,9 +135,9 @@ def test_monailabel_steps_on_monuseg_match_the_evaluation():
     keys (image given as a file path, 40x stated in the request) gives the instances the
     bundle's own evaluation scored: the same number of nuclei and the same AJI against the
     ground truth as ``bundle/eval/model/per_image.csv``, within bfloat16 rounding."""
-    from custom.data import load_label
-    from custom.metrics import aji
-    from custom.networks import load_attention_weights
+    from custom.data.prepared import load_label
+    from custom.evaluation.metrics import aji
+    from custom.model.checkpoint import load_attention_weights
 
     root = require_monuseg()
     image = root / "images" / f"{VAL_IMAGE}.png"

@@ -18,14 +18,8 @@ MONUSEG = REPO.parent / "shared" / "data" / "monuseg"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from custom import monuseg
-from custom.monuseg import (
-    MONUSEG_ARCHIVES,
-    convert_monuseg,
-    ensure_monuseg,
-    has_prepared_data,
-    xml_to_instance_map,
-)
+from custom.data import monuseg
+from custom.data.monuseg import MONUSEG_ARCHIVES, convert_monuseg, ensure_monuseg, has_prepared_data, xml_to_instance_map
 
 ANNOTATED = ["TCGA-B0-5698-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1"]
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from custom.losses import ScaleAttentionLoss
-from custom.networks import AttentionNet, PercentileSigmoid, ScaleAttentionModel, autocast_context, scale_classifier
+from custom.model.losses import ScaleAttentionLoss
+from custom.model.networks import AttentionNet, PercentileSigmoid, ScaleAttentionModel, scale_classifier
+from custom.model.precision import autocast_context
 
 
 def test_batch_tau_matches_numpy_percentile():
@@ -166,7 +167,7 @@ def test_autocast_context_validates():
 
 
 def test_auto_amp_dtype_is_bf16_only_where_native(monkeypatch):
-    import custom.networks as networks
+    import custom.model.precision as networks
 
     for native in (True, False):
         monkeypatch.setattr(networks, "_cpu_bf16", lambda native=native: native)
@@ -187,7 +188,7 @@ def test_auto_amp_dtype_is_bf16_only_where_native(monkeypatch):
 def test_explicit_bf16_warns_on_a_cpu_without_native_bf16(monkeypatch):
     import warnings
 
-    import custom.networks as networks
+    import custom.model.precision as networks
 
     monkeypatch.setattr(networks, "_cpu_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="slower than float32"):
@@ -199,7 +200,7 @@ def test_explicit_bf16_warns_on_a_cpu_without_native_bf16(monkeypatch):
 
 
 def test_load_attention_weights_from_model_or_checkpoint(tmp_path):
-    from custom.networks import load_attention_weights
+    from custom.model.checkpoint import load_attention_weights
 
     f = AttentionNet(width=4)
     f.train()(torch.randn(2, 3, 16, 16))
@@ -224,7 +225,7 @@ STAIN_TARGET = [[70.0, 10.0, -10.0], [15.0, 8.0, 6.0]]
 
 def _normalised(rgb) -> torch.Tensor:
     """uint8-valued RGB (..., 3) -> ImageNet-normalised (1, 3, H, W)."""
-    from custom.data import IMAGENET_MEAN, IMAGENET_STD
+    from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     x = torch.as_tensor(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return ((x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))[None]
@@ -249,7 +250,7 @@ def test_stain_prior_arguments_are_checked():
 
 
 def test_logit_prior_starts_from_the_hematoxylin_map():
-    from custom.networks import HematoxylinDensity
+    from custom.model.networks import HematoxylinDensity
 
     torch.manual_seed(0)
     gain = 2.5
@@ -264,7 +265,7 @@ def test_logit_prior_starts_from_the_hematoxylin_map():
 
 
 def test_hematoxylin_density_white_and_purple():
-    from custom.networks import HematoxylinDensity
+    from custom.model.networks import HematoxylinDensity
 
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0] = (255, 255, 255)
@@ -283,7 +284,7 @@ def test_receptive_radius():
 
 
 def test_extra_state_survives_save_and_load(tmp_path):
-    from custom.networks import load_attention_weights, save_attention_network
+    from custom.model.checkpoint import load_attention_weights, save_attention_network
 
     settings = {"brightness_percentile": None, "max_std_ratio": 1.5}
     f = AttentionNet(stain_prior="logit", stain_target=STAIN_TARGET, stain_settings=settings, **SMALL)
@@ -303,7 +304,7 @@ def test_extra_state_survives_save_and_load(tmp_path):
 
 
 def test_precision_modes_by_name_in_order_spaces_ignored():
-    from custom.networks import PRECISION_MODES, precision_modes
+    from custom.model.precision import PRECISION_MODES, precision_modes
 
     assert precision_modes("fp32") == [("fp32", None, False)]
     assert precision_modes(["bf16+channels_last", "fp32 + channels_last"]) == [
@@ -315,7 +316,7 @@ def test_precision_modes_by_name_in_order_spaces_ignored():
 
 
 def test_stored_postprocess_reads_the_tuned_values_or_says_how_to_tune(tmp_path):
-    from custom.networks import save_attention_network, stored_postprocess
+    from custom.model.checkpoint import save_attention_network, stored_postprocess
 
     f = AttentionNet(**SMALL)
     untuned = save_attention_network(f, tmp_path / "untuned.pt")
@@ -335,7 +336,7 @@ def test_stored_postprocess_reads_the_tuned_values_or_says_how_to_tune(tmp_path)
 
 
 def test_stored_prior_gain_wins_and_another_prior_is_refused(tmp_path):
-    from custom.networks import LEGACY_STAIN_PRIOR_GAIN, load_attention_weights, save_attention_network
+    from custom.model.checkpoint import load_attention_weights, save_attention_network
 
     f = AttentionNet(stain_prior="logit", stain_prior_gain=4.0, stain_target=STAIN_TARGET, **SMALL).eval()
     path = save_attention_network(f, tmp_path / "m.pt")
@@ -348,12 +349,12 @@ def test_stored_prior_gain_wins_and_another_prior_is_refused(tmp_path):
     state = torch.load(path, weights_only=False)
     del state["_extra_state"]["stain_prior_gain"], state["_extra_state"]["stain_prior"]  # exported before 0.6.0
     torch.save(state, tmp_path / "old.pt")
-    old = load_attention_weights(AttentionNet(stain_prior="logit", stain_prior_gain=4.0, **SMALL), str(tmp_path / "old.pt"))
-    assert old.stain_prior_gain == LEGACY_STAIN_PRIOR_GAIN == 2.0
+    with pytest.raises(ValueError, match="old.pt: stores no stain_prior_gain"):  # the gain is unknown: refused, not guessed
+        load_attention_weights(AttentionNet(stain_prior="logit", stain_prior_gain=4.0, **SMALL), str(tmp_path / "old.pt"))
 
 
 def test_state_without_extra_state_still_loads(tmp_path):
-    from custom.networks import load_attention_weights
+    from custom.model.checkpoint import load_attention_weights
 
     f = AttentionNet(**SMALL)
     f.train()(torch.randn(2, 3, 16, 16))
@@ -366,7 +367,7 @@ def test_state_without_extra_state_still_loads(tmp_path):
 
 
 def test_wrong_width_names_the_file_and_width(tmp_path):
-    from custom.networks import load_attention_weights, save_attention_network
+    from custom.model.checkpoint import load_attention_weights, save_attention_network
 
     path = save_attention_network(AttentionNet(width=8, dilations=(1, 2)), tmp_path / "wide.pt")
     with pytest.raises(ValueError, match="width") as info:
@@ -376,7 +377,7 @@ def test_wrong_width_names_the_file_and_width(tmp_path):
 
 @pytest.mark.parametrize("where", ["head.bias", "activation.running_tau"])
 def test_save_refuses_non_finite_and_keeps_the_old_file(tmp_path, where):
-    from custom.networks import load_attention_weights, save_attention_network
+    from custom.model.checkpoint import load_attention_weights, save_attention_network
 
     f = AttentionNet(**SMALL)
     fresh = tmp_path / "fresh.pt"

@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 from shapely.geometry import Polygon
 
-from custom.nuclei import CSV_COLUMNS, GeoJSONWriter, NucleusCSVWriter, instance_polygons, nucleus_feature, nucleus_measurements
+from custom.wsi.export import CSV_COLUMNS, GeoJSONWriter, NucleusCSVWriter, instance_polygons, nucleus_feature, nucleus_measurements
 
 
 def _disc(shape, cy, cx, r):

@@ -1,26 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
-from monai.data import MetaTensor, decollate_batch
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.handlers import PostProcessing
 from monai.transforms import Compose
 from scipy import ndimage
 
-from custom.inference import TiledAttentionInferer
-from custom.networks import AttentionNet
-from custom.postprocess import (
-    AttentionToInstances,
-    AttentionToInstancesd,
-    InstanceSegmentationHandler,
-    attention_to_instances,
-    fill_small_holes,
-    keep_centred,
-    local_threshold_mask,
-    mask_to_instances,
-    otsu_threshold,
-)
+from custom.inference.inferer import TiledAttentionInferer
+from custom.model.networks import AttentionNet
+from custom.inference.postprocess import AttentionToInstances, AttentionToInstancesd, attention_to_instances, fill_small_holes, keep_centred, local_threshold_mask, mask_to_instances, otsu_threshold
 
 
 def _discs(shape=(64, 80), centres=((32, 29), (32, 51)), radius=12) -> np.ndarray:
@@ -313,26 +302,6 @@ def test_dict_transform_in_compose():
     assert torch.equal(d["pred"], torch.as_tensor(_discs())[None])  # the attention is kept
     d = AttentionToInstancesd(keys="pred", output_key="label_pred")({"pred": _discs()})
     assert d["label_pred"].max() == 2
-
-
-def _engine_with_output(output_fn) -> Engine:
-    return Engine(lambda engine, batch: output_fn(batch))
-
-
-def test_handler_on_decollated_and_batch_outputs():
-    batch = torch.stack([torch.as_tensor(_discs())[None], torch.as_tensor(_discs(centres=((20, 20),), radius=8))[None]])
-    engine = _engine_with_output(lambda b: decollate_batch({"pred": b}))
-    InstanceSegmentationHandler(min_size=5).attach(engine)
-    engine.run([batch], max_epochs=1)
-    assert [item["pred_instances"].max().item() for item in engine.state.output] == [2, 1]
-    assert engine.state.output[0]["pred_instances"].shape == (1, 64, 80)
-    # a batch dict, with the attention nested as in the training model's output
-    engine = _engine_with_output(lambda b: {"pred": {"attention": b}})
-    InstanceSegmentationHandler(attention_key="pred", output_key="inst").attach(engine)
-    engine.run([batch], max_epochs=1)
-    inst = engine.state.output["inst"]
-    assert inst.shape == (2, 1, 64, 80) and inst.dtype == torch.int32
-    assert [inst[i].max().item() for i in range(2)] == [2, 1]
 
 
 @pytest.mark.parametrize("via_handler", [False, True])

@@ -1,4 +1,4 @@
-"""custom.regions.LoadRegiond's slide colour statistics: a requested tile is stain-normalised
+"""custom.wsi.load_region.LoadRegiond's slide colour statistics: a requested tile is stain-normalised
 as whole-slide inference normalises its slide (MONAI Label / QuPath = scripts/segment.py)."""
 
 import logging
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from custom.regions import LoadRegiond
+from custom.wsi.load_region import LoadRegiond
 from custom.transforms import reinhard_source_stats
-from custom.wsi import Slide, magnification_to_mpp, tissue_mask
-from custom.wsi_data import SlideWindowDataset, slide_stain_stats
+from custom.wsi.slide import Slide, magnification_to_mpp
+from custom.wsi.tissue import tissue_mask
+from custom.wsi.datasets import SlideWindowDataset, slide_stain_stats
 from tests.conftest import CMU_SLIDE, require_backend, require_slide, synthetic_he
 
 
@@ -64,7 +65,7 @@ def test_image_without_tissue_warns_and_keeps_the_tiles_colours(tmp_path, caplog
     path = tmp_path / "glass.png"
     Image.fromarray(np.full((128, 128, 3), 250, np.uint8)).save(path)
     load = LoadRegiond(backend="cucim", base_magnification=40, stain_regions=8)
-    with caplog.at_level(logging.WARNING, logger="custom.regions"):
+    with caplog.at_level(logging.WARNING, logger="custom.wsi.load_region"):
         out = load(_request(path, (0, 0), (64, 64)))
     assert "stain" not in out
     assert any("no tissue" in r.getMessage() and "glass.png" in r.getMessage() for r in caplog.records)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom.handlers import non_finite_entries as non_finite
+from custom.training.handlers import non_finite_entries as non_finite
 from tests.conftest import REPO, make_prepared_dataset
 
 CONFIG = REPO / "bundle" / "configs" / "train.json"

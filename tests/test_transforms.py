@@ -3,18 +3,7 @@ import pytest
 import torch
 from skimage.color import rgb2lab
 
-from custom.transforms import (
-    DIHEDRAL_NAMES,
-    EQUIVARIANCE_TRANSFORMS,
-    RandDihedrald,
-    RandHEDJitter,
-    RandHEDJitterd,
-    ReinhardNormalize,
-    ReinhardNormalized,
-    dihedral,
-    dihedral_inverse,
-    reinhard_stats,
-)
+from custom.transforms import DIHEDRAL_NAMES, EQUIVARIANCE_TRANSFORMS, RandDihedrald, RandHEDJitter, RandHEDJitterd, ReinhardNormalize, ReinhardNormalized, dihedral, dihedral_inverse, reinhard_stats
 
 # each element written independently with numpy on an (H, W) image
 NUMPY_REFERENCE = {
@@ -111,8 +100,8 @@ def test_reinhard_cap_keeps_pale_nuclei_on_real_low_contrast_image():
     from PIL import Image
     from skimage.filters import threshold_otsu
 
-    from custom.data import reinhard_target
-    from custom.networks import HematoxylinDensity
+    from custom.training.tiles import reinhard_target
+    from custom.model.networks import HematoxylinDensity
     from tests.conftest import require_monuseg
 
     root = require_monuseg()

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from custom.wsi import MagnificationUnavailable, Slide, TissueParams, list_slides, magnification_to_mpp, tissue_mask, write_pyramidal_tiff
-from custom.wsi_data import WSITileDataset
+from custom.wsi.slide import MagnificationUnavailable, Slide, list_slides, magnification_to_mpp
+from tests.slides import write_pyramidal_tiff
+from custom.wsi.tissue import TissueParams, tissue_mask
+from custom.wsi.datasets import WSITileDataset
 from tests.conftest import CMU_SLIDE, TCGA_SLIDE, require_backend, require_slide, synthetic_he
 
 BACKENDS = ["cucim", "openslide"]
@@ -151,7 +153,7 @@ def test_compressed_single_strip_tiff_above_the_limit_is_refused(tmp_path, monke
     regions: above the whole-image limit it is refused with what to do (limit lowered here)."""
     import tifffile
 
-    import custom.wsi as wsi
+    import custom.wsi.slide as wsi
 
     rgb = np.full((64, 96, 3), 200, np.uint8)
     one_strip, strips = tmp_path / "one_strip.tif", tmp_path / "strips.tif"
@@ -165,7 +167,7 @@ def test_compressed_single_strip_tiff_above_the_limit_is_refused(tmp_path, monke
 
 
 def test_slide_cache_keeps_a_bounded_number_of_slides_open(tmp_path):
-    from custom.wsi_data import _SlideCache
+    from custom.wsi.datasets import _SlideCache
 
     paths = []
     for i in range(5):

@@ -5,9 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from custom.data import BalancedMagnificationBatchSampler
-from custom.wsi import MagnificationUnavailable, Slide, magnification_to_mpp, tissue_mask
-from custom.wsi_data import SlideWindowDataset, WSITileDataset, tile_coverage
+from custom.training.tiles import BalancedMagnificationBatchSampler
+from custom.wsi.slide import MagnificationUnavailable, Slide, magnification_to_mpp
+from custom.wsi.tissue import tissue_mask
+from custom.wsi.datasets import SlideWindowDataset, WSITileDataset, tile_coverage
 from tests.conftest import CMU_SLIDE, TCGA_SLIDE, require_backend, require_slide
 
 BACKENDS = ["cucim", "openslide"]

@@ -17,11 +17,12 @@ import torch
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
-from custom.data import IMAGENET_MEAN, IMAGENET_STD
-from custom.networks import AttentionNet, save_attention_network
+from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
+from custom.model.networks import AttentionNet
+from custom.model.checkpoint import save_attention_network
 from custom.transforms import reinhard_stats
-from custom.wsi import write_pyramidal_tiff
-from custom.wsi_outputs import complete_slides
+from tests.slides import write_pyramidal_tiff
+from custom.wsi.writer import complete_slides
 from tests.conftest import CMU_SLIDE, REPO, TCGA_SLIDE, require_backend, require_monuseg, require_slide, synthetic_he
 
 shapely = pytest.importorskip("shapely")
@@ -35,7 +36,8 @@ def small_model(tmp_path_factory):
     """F of width 4 = the hematoxylin prior at the start of training, with a running tau
     halfway between the stroma's and the nuclei's logits on a synthetic image."""
     image = synthetic_he(256, 256, tissue_fraction=1.0, seed=3)
-    net = AttentionNet(eta=20, stain_prior="logit", stain_prior_gain=2.0, stain_target=reinhard_stats([image]), **SMALL).eval()
+    net = AttentionNet(eta=20, stain_prior="logit", stain_prior_gain=2.0, stain_target=reinhard_stats([image]),
+                       stain_settings={"brightness_percentile": 90.0, "max_std_ratio": None}, **SMALL).eval()
     x = (torch.as_tensor(np.moveaxis(image, -1, 0)[None] / 255.0, dtype=torch.float32) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
     x = x / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -57,8 +59,7 @@ def infer(model, input, output_dir, **overrides):
 
 @pytest.mark.parametrize("stored, expected", [
     ({"brightness_percentile": None, "max_std_ratio": 1.5}, (None, 1.5)),
-    (None, (90.0, None)),  # weights from before bundle 0.5.0: the settings they were trained with
-], ids=["stored", "legacy"])
+], ids=["stored"])
 def test_inference_normalises_with_the_models_own_stain_settings(tmp_path, stored, expected):
     from monai.bundle import ConfigParser
 
@@ -201,7 +202,7 @@ def test_blank_slide_gives_empty_valid_outputs_and_rerun_skips(small_model, tmp_
 
 
 def test_interrupted_slide_leaves_no_complete_looking_file(small_model, tmp_path, monkeypatch):
-    from custom import wsi_outputs
+    from custom.wsi import writer as wsi_outputs
 
     png = tmp_path / "image.png"
     Image.fromarray(synthetic_he(300, 300, tissue_fraction=1.0)).save(png)

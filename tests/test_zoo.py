@@ -94,7 +94,7 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path):
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
-    from custom.networks import load_attention_weights
+    from custom.model.checkpoint import load_attention_weights
 
     eager = load_attention_weights(parser.get_parsed_content("network_def"), str(BUNDLE / "models" / "model.pt")).eval()
     torch.manual_seed(0)

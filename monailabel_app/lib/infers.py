@@ -18,7 +18,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.transform.writer import PolygonWriter
 
-from custom.inference import receptive_field_radius
+from custom.inference.inferer import receptive_field_radius
 
 from .transforms import NucleiToPolygonsd
 

@@ -10,7 +10,7 @@ that ``monailabel.transform.post.FindContoursd`` writes and ``PolygonWriter`` /
 
 ``FindContoursd`` traces one mask per label value, which would merge touching nuclei of an
 instance map; :class:`NucleiToPolygonsd` gives one polygon per nucleus instead, from the
-bundle's own :func:`custom.nuclei.instance_polygons` (as in the whole-slide GeoJSON), in
+bundle's own :func:`custom.wsi.export.instance_polygons` (as in the whole-slide GeoJSON), in
 level-0 slide pixels. Nothing here imports MONAI Label, so it runs (and is tested) without it.
 """
 
@@ -23,8 +23,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from custom.nuclei import instance_polygons
-from custom.postprocess import keep_centred
+from custom.wsi.export import instance_polygons
+from custom.inference.postprocess import keep_centred
 
 __all__ = ["NucleiToPolygonsd", "polygon_area"]
 
@@ -42,7 +42,7 @@ class NucleiToPolygonsd(MapTransform):
     """One polygon per nucleus of an instance map, in level-0 pixels, as MONAI Label's annotation result.
 
     Reads ``data[key]``, the ``(1, H, W)`` or ``(H, W)`` integer instance map of the array
-    that :class:`custom.regions.LoadRegiond` read (0 = background), and that transform's
+    that :class:`custom.wsi.load_region.LoadRegiond` read (0 = background), and that transform's
     ``region_origin`` (y, x analysis pixels), ``region_core`` (y0, x0, y1, x1 in the array),
     ``scale_to_level0`` and ``analysis_mpp`` (defaults: the whole array, origin 0, scale 1).
     Nuclei whose centroid lies outside the core (they belong to the neighbouring tile, which

@@ -6,10 +6,10 @@ MONAI Label hands a bundle's ``preprocessing`` a dict whose ``image`` is a file 
 pixels of ``level`` when a level is given. :class:`LoadRegiond` turns such a dict into the
 ``(3, h, w)`` uint8 RGB array at the analysis magnification that the rest of
 ``inference.json``'s preprocessing expects, and passes dicts whose ``image`` is already an
-array (the whole-slide windows of :class:`custom.wsi_data.SlideWindowDataset`) through untouched.
+array (the whole-slide windows of :class:`custom.wsi.datasets.SlideWindowDataset`) through untouched.
 
 With ``stain_regions`` > 0 it also writes the slide's colour statistics (``stain``, pooled over
-tissue regions of the whole slide by :func:`custom.wsi_data.slide_stain_stats`, computed once
+tissue regions of the whole slide by :func:`custom.wsi.datasets.slide_stain_stats`, computed once
 per file and kept), so that the stain normalisation of a requested tile is the one whole-slide
 inference gives the same slide, not one of the tile's own colours: a tile that is mostly
 nuclei, or mostly glass, is then normalised like the rest of its slide.
@@ -25,14 +25,16 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
+from custom.wsi.datasets import slide_stain_stats
+from custom.wsi.slide import Slide, magnification_to_mpp
+from custom.wsi.tissue import TissueParams, tissue_mask
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from custom.config import flag
-from custom.wsi import Slide, TissueParams, magnification_to_mpp, tissue_mask
-from custom.wsi_data import slide_stain_stats
+from custom.command_line import flag
 
-__all__ = ["LoadRegiond", "region_box"]
+__all__ = ['LoadRegiond', 'region_box']
+
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class LoadRegiond(MapTransform):
     """Read the image (or the region of a slide) a request names, at the model's magnification.
 
     Where ``data[key]`` is not a path (an array or tensor, e.g. a whole-slide window) the
-    dict is returned unchanged. Otherwise the file is opened with :class:`custom.wsi.Slide`
+    dict is returned unchanged. Otherwise the file is opened with :class:`custom.wsi.slide.Slide`
     and the region read at ``magnification`` (resampled from the nearest finer level).
 
     Request keys read (all optional): ``location`` ``(x, y)`` level-0 pixels; ``size``
@@ -101,11 +103,11 @@ class LoadRegiond(MapTransform):
         allow_upsample: enlarge images coarser than ``magnification`` instead of failing.
         context: default context in analysis pixels (>= 0).
         stain_regions: 0 (the tile's own colour statistics) or the number of tissue regions of the
-            whole slide pooled for its colour statistics, as :class:`custom.wsi_data.SlideWindowDataset`
+            whole slide pooled for its colour statistics, as :class:`custom.wsi.datasets.SlideWindowDataset`
             does (give both the same values and they normalise a slide identically).
         stain_region_size: those regions' side, analysis pixels.
         brightness_percentile: as in stain normalisation.
-        tissue: :class:`custom.wsi.TissueParams` fields for the tissue mask, or None for the defaults.
+        tissue: :class:`custom.wsi.tissue.TissueParams` fields for the tissue mask, or None for the defaults.
         use_tissue_mask: False: draw the regions from the whole slide, tissue or not.
         max_cached: slides whose statistics are kept (least recently used dropped).
     """
@@ -130,7 +132,7 @@ class LoadRegiond(MapTransform):
         self._stain: OrderedDict = OrderedDict()  # (path, mtime, size, mpp, base) -> (7,) or None (no tissue)
 
     def slide_stain(self, slide: Slide) -> np.ndarray | None:
-        """The slide's Reinhard source statistics ``(7,)`` (see :func:`custom.wsi_data.slide_stain_stats`),
+        """The slide's Reinhard source statistics ``(7,)`` (see :func:`custom.wsi.datasets.slide_stain_stats`),
         computed on first use and kept per file (a changed file is read again); None for a slide
         in which no tissue is found."""
         st = os.stat(slide.path)

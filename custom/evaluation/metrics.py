@@ -19,7 +19,7 @@ means over images (``NucleiInstanceMetric.aggregate``) skip NaNs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,36 +31,25 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = [
-    "COUNT_NAMES",
-    "INSTANCE_METRIC_KEYS",
-    "InstanceOverlap",
-    "METRIC_NAMES",
-    "NucleiInstanceMetric",
-    "NucleiMetricHandler",
-    "ahd",
-    "aji",
-    "aji_plus",
-    "cached_instance_metrics",
-    "check_instance_pair",
-    "detection_scores",
-    "dice_foreground",
-    "instance_metrics",
-    "nuclei_metric_handlers",
-    "panoptic_quality",
-]
+__all__ = ['COUNT_NAMES', 'INSTANCE_METRIC_KEYS', 'InstanceOverlap', 'METRIC_NAMES', 'NucleiInstanceMetric', 'NucleiMetricHandler', 'ahd', 'aji', 'aji_plus', 'cached_instance_metrics', 'check_instance_pair', 'detection_scores', 'dice_foreground', 'instance_metrics', 'panoptic_quality']
+
 
 METRIC_NAMES = ("aji", "aji_plus", "dice", "ahd", "pq", "dq", "sq", "precision", "recall", "f1")
+
+
 """Per-image scores returned by ``instance_metrics`` (all in [0, 1] except ``ahd``, in pixels)."""
+
+
 COUNT_NAMES = ("n_true", "n_pred")
+
+
 """Per-image nucleus counts returned by ``instance_metrics``."""
+
+
 INSTANCE_METRIC_KEYS = METRIC_NAMES + COUNT_NAMES
+
+
 """Every key of ``instance_metrics``' result, in order; valid ``metric_name`` values of the wrappers."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# input checks and the overlap table
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _as_instance_map(x: Any, name: str, allow_integral_float: bool = False) -> np.ndarray:
@@ -179,11 +168,6 @@ def _max_iou_matching(ov: InstanceOverlap, candidates: np.ndarray) -> np.ndarray
     return np.sort(np.concatenate(chosen))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# metrics from the overlap table
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _aji(ov: InstanceOverlap) -> float:
     if ov.both_empty:
         return 1.0
@@ -272,11 +256,6 @@ def _check_threshold(iou_threshold: float) -> float:
     if not 0.0 <= iou_threshold < 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold}.")
     return float(iou_threshold)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# public per-image functions
-# ----------------------------------------------------------------------------------------------------------
 
 
 def aji(gt: Any, pred: Any) -> float:
@@ -400,12 +379,12 @@ def instance_metrics(gt: Any, pred: Any, iou_threshold: float = 0.5) -> dict[str
     }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# MONAI cumulative metric and Ignite handler
-# ----------------------------------------------------------------------------------------------------------
-
 _CACHE_SIZE = 16
+
+
 _cache: list[tuple[tuple, np.ndarray, np.ndarray, dict[str, float]]] = []
+
+
 _cache_lock = threading.Lock()
 
 
@@ -498,7 +477,7 @@ class NucleiMetricHandler(IgniteMetricHandler):
     For a MONAI bundle evaluator::
 
         "additional_metrics": {
-            "aji": {"_target_": "custom.metrics.NucleiMetricHandler", "metric_name": "aji",
+            "aji": {"_target_": "custom.evaluation.metrics.NucleiMetricHandler", "metric_name": "aji",
                     "output_transform": "$monai.handlers.from_engine(['pred_instances', 'label'])"}}
 
     With ``save_details`` the per-image values ``(N, 1)`` go to ``engine.state.metric_details[name]``,
@@ -514,11 +493,3 @@ class NucleiMetricHandler(IgniteMetricHandler):
         super().__init__(
             metric_fn=NucleiInstanceMetric(metric_name), output_transform=output_transform, save_details=save_details
         )
-
-
-def nuclei_metric_handlers(
-    metric_names: Sequence[str] = METRIC_NAMES, output_transform: Callable = lambda x: x, save_details: bool = True
-) -> dict[str, NucleiMetricHandler]:
-    """One ``NucleiMetricHandler`` per name (default: every score of ``METRIC_NAMES``), keyed by name,
-    ready for an evaluator's ``additional_metrics``."""
-    return {name: NucleiMetricHandler(name, output_transform, save_details) for name in metric_names}

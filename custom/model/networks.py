@@ -6,46 +6,31 @@ logits and maps ``(B, 1, H, W)``; scale logits ``(B, num_magnifications)``.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.networks.nets import resnet34
 from torch import nn
 
-from custom.config import flag
-from custom.data import IMAGENET_MEAN, IMAGENET_STD
-from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
+from custom.command_line import flag
+from custom.model.precision import AUTO_AMP, autocast_context
+from custom.transforms import (
+    EQUIVARIANCE_TRANSFORMS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dihedral,
+    dihedral_inverse,
+)
+
+__all__ = ['AttentionNet', 'DilatedResidualBlock', 'HematoxylinDensity', 'PercentileSigmoid', 'ScaleAttentionModel', 'scale_classifier']
+
 
 # Ruifrok & Johnston colour deconvolution: optical density (RGB) -> hematoxylin (skimage's hed_from_rgb[:, 0])
 _HEMATOXYLIN_FROM_OD = (1.87798274, -0.06590806, -0.60190736)
 STAIN_PRIORS = ("none", "input", "logit")
-
-__all__ = [
-    "AttentionNet",
-    "DilatedResidualBlock",
-    "HematoxylinDensity",
-    "PercentileSigmoid",
-    "ScaleAttentionModel",
-    "autocast_context",
-    "fast_bf16",
-    "PRECISION_MODES",
-    "load_attention_weights",
-    "precision_modes",
-    "resolve_amp_dtype",
-    "save_attention_network",
-    "stored_postprocess",
-    "scale_classifier",
-]
-
 PAPER_DILATIONS = (1, 2, 3, 5, 10, 20)
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def check_sigmoid_slope(value, name: str = "r") -> float | None:
@@ -59,93 +44,6 @@ def check_sigmoid_slope(value, name: str = "r") -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} (sigmoid slope) must be a finite number > 0 or None, got {value!r}.")
     return float(value)
-
-
-AUTO_AMP = "auto"
-_FP32_NAMES = ("float32", "fp32", "none", "")
-
-
-def fast_bf16(device: torch.device | str) -> bool:
-    """Whether bfloat16 autocast runs on native kernels on ``device``.
-
-    CUDA: the GPU supports bf16 (Ampere and newer). CPU: oneDNN has bf16 kernels for this
-    processor (AVX512-BF16, AMX or AVX512 core). Elsewhere, e.g. an AVX2-only CPU, bf16 is
-    emulated: a training step of the width-32 model took 181 s there against 23 s in fp32 with channels-last
-    (``scripts/bench_train.py``).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return _cpu_bf16()
-    return False
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_bf16() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-# benchmark settings by name: (amp_dtype, channels_last), as scripts/bench_train.py and bench_infer.py time them
-PRECISION_MODES = {"fp32": (None, False), "fp32 + channels_last": (None, True), "bf16 + channels_last": ("bfloat16", True)}
-
-
-def precision_modes(modes) -> list[tuple[str, str | None, bool]]:
-    """``[(name, amp_dtype, channels_last)]`` for names of :data:`PRECISION_MODES`, in the given order.
-
-    Args:
-        modes: one name or a sequence of names; spaces are ignored ("fp32+channels_last" works).
-
-    Raises:
-        ValueError: naming the unknown modes and the known ones.
-    """
-    names = [modes] if isinstance(modes, str) else list(modes)
-    canonical = {k.replace(" ", ""): k for k in PRECISION_MODES}
-    unknown = [m for m in names if not isinstance(m, str) or m.replace(" ", "") not in canonical]
-    if unknown or not names:
-        raise ValueError(f"modes {unknown or names}: unknown or none; choose from {list(PRECISION_MODES)}.")
-    chosen = [canonical[m.replace(" ", "")] for m in names]
-    return [(k, *PRECISION_MODES[k]) for k in chosen]
-
-
-def resolve_amp_dtype(device: torch.device | str, amp_dtype: str | None) -> str | None:
-    """The autocast dtype name that runs on ``device``: ``"auto"`` becomes "bfloat16" where
-    :func:`fast_bf16` holds and None (float32) elsewhere; any other value is checked and
-    returned as given, None for full precision.
-
-    Raises:
-        ValueError: ``amp_dtype`` is not "auto", a known dtype name or None.
-    """
-    if amp_dtype is None or str(amp_dtype).lower() in _FP32_NAMES:
-        return None
-    key = str(amp_dtype).lower()
-    if key == AUTO_AMP:
-        return "bfloat16" if fast_bf16(device) else None
-    if key not in _DTYPES:
-        raise ValueError(f"amp_dtype must be {AUTO_AMP!r}, one of {sorted(_DTYPES)} or None, got {amp_dtype!r}.")
-    return amp_dtype
-
-
-def autocast_context(device: torch.device | str, amp_dtype: str | None):
-    """Mixed-precision context for ``device`` ("cpu" or "cuda").
-
-    Args:
-        device: where the computation runs.
-        amp_dtype: "auto" (bf16 where it is native on ``device``, else float32; see
-            :func:`resolve_amp_dtype`), "bfloat16"/"bf16", "float16"/"fp16", or None /
-            "float32" for full precision. An explicit bf16 on a CPU without native bf16
-            warns: it is several times slower than float32 there.
-    """
-    name = resolve_amp_dtype(device, amp_dtype)
-    if name is None:
-        return contextlib.nullcontext()
-    device = torch.device(device)
-    dtype = _DTYPES[name.lower()]
-    if dtype is torch.bfloat16 and device.type == "cpu" and not fast_bf16(device):
-        warnings.warn(f"amp_dtype={amp_dtype!r} on a CPU without native bfloat16 (no AVX512/AMX bf16 kernels): "
-                      f"it runs several times slower than float32 here; amp_dtype 'auto' picks float32 on such CPUs.",
-                      RuntimeWarning, stacklevel=2)
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class PercentileSigmoid(nn.Module):
@@ -259,7 +157,6 @@ class HematoxylinDensity(nn.Module):
         return (-torch.log(rgb) * self.weights).sum(1, keepdim=True)
 
 
-LEGACY_STAIN_PRIOR_GAIN = 2.0
 """The prior gain of every model exported before bundle 0.6.0, which stored none (the default then)."""
 
 
@@ -294,7 +191,7 @@ class AttentionNet(nn.Module):
     ``stain_target``, ``stain_settings``, ``postprocess`` (the post-processing parameters
     tuned on the validation images by ``scripts/tune_postprocess.py``, empty until tuned),
     and ``stain_prior`` / ``stain_prior_gain``: loading adopts the stored gain (the weights
-    only make sense with it; :data:`LEGACY_STAIN_PRIOR_GAIN` for files that store none) and
+    only make sense with it) and
     :func:`load_attention_weights` refuses another prior.
     """
 
@@ -344,8 +241,8 @@ class AttentionNet(nn.Module):
         self.stain_target = state.get("stain_target")
         self.stain_settings = state.get("stain_settings")
         self.postprocess = dict(state.get("postprocess") or {})
-        # the gain the weights were trained with; files exported before bundle 0.6.0 store none and all used 2.0
-        self.stain_prior_gain = float(state.get("stain_prior_gain", LEGACY_STAIN_PRIOR_GAIN))
+        if "stain_prior_gain" in state:  # the gain the weights were trained with
+            self.stain_prior_gain = float(state["stain_prior_gain"])
 
     @property
     def receptive_radius(self) -> int:
@@ -455,91 +352,3 @@ class ScaleAttentionModel(nn.Module):
                 out["equiv_target"] = dihedral_inverse(target, t).contiguous()
                 out["equiv_transform"] = t
         return out
-
-
-def save_attention_network(net: AttentionNet, path: str | os.PathLike) -> Path:
-    """Write F's state dict (weights, BatchNorm statistics, running tau, stain target and
-    tuned post-processing) to ``path`` atomically (temporary name, then rename).
-
-    Raises:
-        FloatingPointError: when a weight or buffer is NaN/Inf (nothing is written).
-    """
-    state = {k: (v.detach().cpu().contiguous() if isinstance(v, torch.Tensor) else v) for k, v in net.state_dict().items()}
-    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"not exporting {path}: non-finite values in {bad[:3]}.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _read_attention_state(path: str | os.PathLike) -> dict:
-    """F's state dict from ``model.pt`` or a training checkpoint, with the errors of :func:`load_attention_weights`."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model weights {path}: no such file. Pass --model_path (or --model) the model.pt to use.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (zip/pickle errors of torch.load come in many types)
-        raise ValueError(
-            f"model weights {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "The file is truncated or not a model; copy or export it again."
-        ) from None  # the first line of torch's message is kept above; its traceback adds nothing for the user
-    if isinstance(state, dict) and isinstance(state.get("network"), dict):
-        state = {k[len("attention."):]: v for k, v in state["network"].items() if k.startswith("attention.")}
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path}: holds no attention-network weights (expected model.pt or a training checkpoint).")
-    return state
-
-
-def stored_postprocess(path: str | os.PathLike) -> dict:
-    """The tuned post-processing stored in a model file by ``scripts/tune_postprocess.py --write_model``.
-
-    Returns:
-        the keyword arguments of :func:`custom.postprocess.attention_to_instances` plus
-        ``sharpness`` (the sigmoid slope the maps were tuned at) and ``tuned_on``, as stored.
-
-    Raises:
-        FileNotFoundError, ValueError: as :func:`load_attention_weights`; ValueError also when
-            the file stores no tuned post-processing (the message says how to tune it).
-    """
-    extra = _read_attention_state(path).get("_extra_state") or {}
-    postprocess = dict(extra.get("postprocess") or {}) if isinstance(extra, dict) else {}
-    if not postprocess:
-        raise ValueError(f"{path}: stores no tuned post-processing; run scripts/tune_postprocess.py --checkpoint {path} --write_model.")
-    return postprocess
-
-
-def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
-    """Load F's weights and running tau from ``path`` into ``net`` (in place) and return it.
-
-    Accepts the exported ``model.pt`` (F's state dict) or a training checkpoint
-    (``{"network": state of ScaleAttentionModel, ...}``, F's keys under ``attention.``).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is not a readable PyTorch checkpoint, holds no attention-network
-            weights, or weights of another width/architecture (each message names the file).
-        FloatingPointError: a weight or buffer in ``path`` is NaN or infinite.
-    """
-    state = _read_attention_state(path)
-    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"model weights {path}: NaN or infinite values in {bad[:3]}; use an earlier checkpoint.")
-    if "_extra_state" not in state:  # saved before stain target / post-processing were stored: keep the net's own
-        state = {**state, "_extra_state": net.get_extra_state()}
-    stored_prior = (state["_extra_state"] or {}).get("stain_prior")
-    if stored_prior is not None and stored_prior != net.stain_prior:  # "logit" and "none" have the same weights: check by name
-        raise ValueError(f"{path}: was trained with stain_prior={stored_prior!r}, the network is built with "
-                         f"stain_prior={net.stain_prior!r}. Set --stain_prior {stored_prior}.")
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(
-            f"{path}: does not fit this attention network (width={net.width}, dilations={net.dilations}, "
-            f"stain_prior={net.stain_prior!r}): {str(e).splitlines()[0]} Set --width/--dilations/--stain_prior to the "
-            "values it was trained with."
-        ) from e
-    return net

@@ -3,7 +3,7 @@ and evaluator as the model so that their rows are comparable.
 
 Each baseline is a parameter-free ``nn.Module`` with the attention network's interface:
 an ImageNet-normalised RGB batch ``(B, 3, H, W)`` in, a foreground map ``(B, 1, H, W)``
-in {0, 1} out (1 = nucleus), which :func:`custom.postprocess.attention_to_instances`
+in {0, 1} out (1 = nucleus), which :func:`custom.inference.postprocess.attention_to_instances`
 then splits into instances with the paper's watershed.
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from custom.inference.postprocess import local_threshold_mask
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from torch import nn
 
-from custom.networks import HematoxylinDensity
-from custom.postprocess import local_threshold_mask
+from custom.model.networks import HematoxylinDensity
 
-__all__ = ["BASELINES", "HematoxylinLocalThreshold", "HematoxylinOtsu"]
+__all__ = ['BASELINES', 'HematoxylinLocalThreshold', 'HematoxylinOtsu']
 
 
 class _HematoxylinBaseline(nn.Module):

@@ -35,7 +35,8 @@ from scipy import ndimage
 from skimage.color import rgb2hed
 from skimage.measure import regionprops
 
-__all__ = ["instance_polygons", "nucleus_measurements", "nucleus_feature", "GeoJSONWriter", "NucleusCSVWriter", "CSV_COLUMNS"]
+__all__ = ['instance_polygons', 'nucleus_measurements', 'nucleus_feature', 'GeoJSONWriter', 'NucleusCSVWriter', 'CSV_COLUMNS']
+
 
 CSV_COLUMNS = ("id", "centroid_x", "centroid_y", "area_um2", "perimeter_um", "eccentricity", "mean_hematoxylin")
 _CSV_MEASUREMENTS = CSV_COLUMNS[3:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ['write_atomic']
 
 
 def write_atomic(path: str | os.PathLike, write) -> None:

@@ -41,17 +41,10 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image
 
-from custom.config import flag
+from custom.command_line import flag
 
-__all__ = [
-    "MONUSEG_ARCHIVES",
-    "MONUSEG_SPLITS",
-    "convert_monuseg",
-    "ensure_monuseg",
-    "has_prepared_data",
-    "prepare_monuseg",
-    "xml_to_instance_map",
-]
+__all__ = ['MONUSEG_ARCHIVES', 'MONUSEG_SPLITS', 'convert_monuseg', 'ensure_monuseg', 'has_prepared_data', 'prepare_monuseg', 'xml_to_instance_map']
+
 
 # Official archives (Google Drive files linked from https://monuseg.grand-challenge.org/Data/).
 # Hashes could not be checked here (no internet); they are the ones published by others:
@@ -76,6 +69,7 @@ MONUSEG_ARCHIVES: dict[str, dict[str, str | None]] = {
     },
 }
 
+
 # The paper authors' split of the 30 original training images by source slide (19 train / 11 val).
 # The current training archive holds 7 more images; they are listed under "extra" in splits.json.
 MONUSEG_SPLITS: dict[str, list[str]] = {
@@ -96,6 +90,7 @@ MONUSEG_SPLITS: dict[str, list[str]] = {
     ],
 }
 
+
 _IMAGE_SUFFIXES = {".tif", ".tiff"}
 _FIX_HINT = (
     "Fix: pass --dataset_dir /path/to/prepared/monuseg (layout images/*.png, labels/*.png, optional "
@@ -103,9 +98,6 @@ _FIX_HINT = (
     "https://monuseg.grand-challenge.org/Data/), extract it and run "
     "`python scripts/prepare_monuseg.py --raw_dir /path/to/extracted --out_dir {root}`."
 )
-
-
-# --------------------------------------------------------------------------- XML -> instance map
 
 
 def _read_regions(xml_path: Path) -> list[np.ndarray]:
@@ -218,9 +210,6 @@ def xml_to_instance_map(xml_path: str | Path, shape: Sequence[int]) -> np.ndarra
         rows, cols = _fill_polygon(vertices, (h, w))
         label[rows, cols] = k
     return label
-
-
-# --------------------------------------------------------------------------- archive -> prepared layout
 
 
 def _is_junk(path: Path) -> bool:
@@ -380,9 +369,6 @@ def prepare_monuseg(raw_dir: str | Path, dataset_dir: str | Path) -> list[str]:
         return ids
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- download
 
 
 def has_prepared_data(dataset_dir: str | Path | None) -> bool:

@@ -7,9 +7,9 @@ a tile or a window, never by a slide level.
 
 Bad slides in a batch (:class:`SlideWindowDataset`): a slide that cannot be used
 (missing, empty, damaged, unsupported, grayscale, no pixel size, ...: a
-:class:`custom.wsi.SlideError`) is logged as an ERROR when the windows are laid
+:class:`custom.wsi.slide.SlideError`) is logged as an ERROR when the windows are laid
 out and left out, and the other slides are segmented; the writer
-(:class:`custom.wsi_outputs.SlideNucleiWriter`) raises after the run, listing
+(:class:`custom.wsi.writer.SlideNucleiWriter`) raises after the run, listing
 them, so a batch ends with a non-zero exit and the complete outputs of its good
 slides (a rerun skips those and tries the failed ones again). When every slide
 fails, the error is raised at once (the slide's own error for a single input).
@@ -30,15 +30,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from custom.wsi.slide import (
+    MagnificationUnavailable,
+    Slide,
+    SlideError,
+    SlideNotFoundError,
+    list_slides,
+    magnification_to_mpp,
+)
+from custom.wsi.tissue import TissueParams, tissue_mask
 from torch.utils.data import Dataset
 
-from custom.config import flag
+from custom.command_line import flag
 from custom.transforms import reinhard_source_stats
-from custom.wsi import (
-    MagnificationUnavailable, Slide, SlideError, SlideNotFoundError, TissueParams, list_slides, magnification_to_mpp, tissue_mask,
-)
 
-__all__ = ["SlideWindowDataset", "WSITileDataset", "slide_stain_stats", "tile_coverage"]
+__all__ = ['SlideWindowDataset', 'WSITileDataset', 'slide_stain_stats', 'tile_coverage']
+
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +83,14 @@ def slide_stain_stats(slide: Slide, target_mpp: float, box: Sequence[int] | None
     tissue-covered ones are candidates (at least 90 % of the best coverage: glass would skew the
     statistics), and ``regions`` of them are picked spread evenly. The choice depends neither on
     the window size nor on any requested region, so every window layout (and every MONAI Label
-    tile, see :class:`custom.regions.LoadRegiond`) normalises a slide alike; an image no larger
+    tile, see :class:`custom.wsi.load_region.LoadRegiond`) normalises a slide alike; an image no larger
     than ``region_size`` is one region, which gives per-image normalisation exactly.
 
     Args:
-        slide: an open :class:`custom.wsi.Slide`.
+        slide: an open :class:`custom.wsi.slide.Slide`.
         target_mpp: analysis pixel size (um/px).
         box: ``(y0, x0, y1, x1)`` analysis pixels to draw from (None: the whole slide).
-        mask, factor: a tissue mask and its level-0 pixels per mask pixel (:func:`custom.wsi.tissue_mask`),
+        mask, factor: a tissue mask and its level-0 pixels per mask pixel (:func:`custom.wsi.tissue.tissue_mask`),
             or None for no tissue selection.
         regions: how many regions to pool (>= 1).
         region_size: their side in analysis pixels (>= 16).
@@ -157,14 +164,14 @@ class WSITileDataset(Dataset):
     Items: ``{"image": uint8 (3, tile_size, tile_size), "label": class index,
     "id": slide name, "magnification": float}``, then ``transform``. Index ``i`` is in
     class ``m`` when ``offsets[m] <= i < offsets[m] + class_sizes[m]`` (use
-    ``class_sizes`` with :class:`custom.data.BalancedMagnificationBatchSampler`).
+    ``class_sizes`` with :class:`custom.training.tiles.BalancedMagnificationBatchSampler`).
 
     Args:
-        slides: slide files, a folder or a CSV (see :func:`custom.wsi.list_slides`).
+        slides: slide files, a folder or a CSV (see :func:`custom.wsi.slide.list_slides`).
         magnifications: e.g. (10, 20, 40); class index = position in this list.
         tile_size: tile side in pixels at its magnification (paper: 224).
         tile_coverage: minimum tissue fraction of a tile, in (0, 1].
-        tissue: :class:`custom.wsi.TissueParams` fields (dict) or None for the defaults.
+        tissue: :class:`custom.wsi.tissue.TissueParams` fields (dict) or None for the defaults.
         backend: "cucim" or "openslide".
         mpp, base_magnification: level-0 pixel size for slides without metadata (applies to all).
         missing_magnification: "skip" (a slide without a level fine enough for a
@@ -284,7 +291,7 @@ class WSITileDataset(Dataset):
 
     def sample_tiles(self, n: int = 64, seed: int = 0) -> list[np.ndarray]:
         """``n`` tiles drawn evenly over the classes with a fixed seed, as ``(H, W, 3)`` uint8
-        (e.g. for the Reinhard target: ``custom.data.reinhard_target(dataset.sample_tiles())``)."""
+        (e.g. for the Reinhard target: ``custom.training.tiles.reinhard_target(dataset.sample_tiles())``)."""
         rng = np.random.default_rng(seed)
         picks = [self.offsets[m] + int(rng.integers(self.class_sizes[m])) for m in np.arange(n) % len(self.class_sizes)]
         return [np.moveaxis(self.read_tile(i), 0, -1) for i in picks]
@@ -316,12 +323,12 @@ class SlideWindowDataset(Dataset):
     module docstring; :attr:`failed` lists them).
 
     Args:
-        slides: slide files, a folder or a CSV (see :func:`custom.wsi.list_slides`).
+        slides: slide files, a folder or a CSV (see :func:`custom.wsi.slide.list_slides`).
         magnification: analysis magnification (the model's: 40).
         window, halo, context: sizes in analysis pixels.
-        backend, mpp, base_magnification: see :class:`custom.wsi.Slide` (mpp/base_magnification apply to every slide).
+        backend, mpp, base_magnification: see :class:`custom.wsi.slide.Slide` (mpp/base_magnification apply to every slide).
         allow_upsample: enlarge slides coarser than ``magnification`` (with a warning) instead of stopping.
-        tissue: :class:`custom.wsi.TissueParams` fields, or None.
+        tissue: :class:`custom.wsi.tissue.TissueParams` fields, or None.
         use_tissue_mask: False: every window of the slide (plain images, tissue microarrays).
         roi: None, or a level-0 box ``[y, x, h, w]`` to analyse instead of the whole slide.
         stain_regions: number of tissue regions pooled for each slide's colour statistics

@@ -14,9 +14,9 @@ summary exists and every file it lists is there (:func:`complete_slides`).
 A slide without tissue gets empty but valid outputs (a FeatureCollection without
 features, a CSV with its header only, the overlay and the summary with the
 warning). A slide that could not be used (``"error"`` in its ``slides_info``
-entry, see :mod:`custom.wsi_data`) gets no file at all; after the run
+entry, see :mod:`custom.wsi.datasets`) gets no file at all; after the run
 :meth:`SlideNucleiWriter.finish_empty_slides` raises a
-:class:`custom.wsi.SlideError` listing those slides, once the others are written.
+:class:`custom.wsi.slide.SlideError` listing those slides, once the others are written.
 """
 
 from __future__ import annotations
@@ -29,17 +29,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from custom.inference.postprocess import attention_to_instances, keep_centred
+from custom.wsi.export import (
+    GeoJSONWriter,
+    NucleusCSVWriter,
+    instance_polygons,
+    nucleus_feature,
+    nucleus_measurements,
+)
+from custom.wsi.slide import Slide, SlideError
 from ignite.engine import Engine, Events
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from custom.files import write_atomic
-from custom.handlers import _items
-from custom.nuclei import GeoJSONWriter, NucleusCSVWriter, instance_polygons, nucleus_feature, nucleus_measurements
-from custom.postprocess import attention_to_instances, keep_centred
-from custom.wsi import Slide, SlideError
+from custom.atomic_write import write_atomic
+from custom.evaluation.reports import _items
 
-__all__ = ["SlideNucleiWriter", "complete_slides", "slide_outputs"]
+__all__ = ['SlideNucleiWriter', 'complete_slides', 'slide_outputs']
+
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +111,11 @@ class _SlideRun:
 
 
 class SlideNucleiWriter:
-    """Ignite handler for whole-slide inference (items of :class:`custom.wsi_data.SlideWindowDataset`).
+    """Ignite handler for whole-slide inference (items of :class:`custom.wsi.datasets.SlideWindowDataset`).
 
     For each window: the attention inside the window's valid box (core + halo) is
-    turned into instances (:func:`custom.postprocess.attention_to_instances`), the
-    instances centred in the core are kept (:func:`custom.postprocess.keep_centred`),
+    turned into instances (:func:`custom.inference.postprocess.attention_to_instances`), the
+    instances centred in the core are kept (:func:`custom.inference.postprocess.keep_centred`),
     and their polygons, measurements and outlines are appended to the slide's outputs.
     When a slide's last window is done its files are closed and renamed and its
     summary written. Slides without tissue get empty but valid outputs at the start.
@@ -122,7 +129,7 @@ class SlideNucleiWriter:
         postprocess: keyword arguments of :func:`attention_to_instances` (threshold, morphology_radii, ...).
         settings: extra JSON-serialisable entries for every summary (model, TTA, ...).
         max_nucleus_um2: instances larger than this area are dropped (0: no limit; see
-            :func:`custom.postprocess.keep_centred`).
+            :func:`custom.inference.postprocess.keep_centred`).
         polygon_tolerance: outline simplification in analysis pixels (Douglas-Peucker; 0: exact pixel edges).
         overlay_size: long side of the overlay picture in pixels.
         image_key, pred_key: batch key of the unnormalised RGB window (uint8 ``(3, h, w)``), output key of the attention.

@@ -27,11 +27,13 @@ from monai.networks.utils import eval_mode
 from monai.utils import convert_to_dst_type
 from torch import nn
 
-from custom.config import flag
-from custom.networks import ScaleAttentionModel, autocast_context, check_sigmoid_slope
+from custom.command_line import flag
+from custom.model.networks import ScaleAttentionModel, check_sigmoid_slope
+from custom.model.precision import autocast_context
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
-__all__ = ["TiledAttentionInferer", "predict_attention", "receptive_field_radius"]
+__all__ = ['TiledAttentionInferer', 'receptive_field_radius']
+
 
 MIN_ROI_SIZE = 16
 
@@ -84,13 +86,13 @@ class TiledAttentionInferer(Inferer):
         margin: context pixels on each side of a tile; None: F's receptive-field radius.
         tta: average over the 7 dihedral transforms (the authors' default).
         amp_dtype: autocast dtype: "auto" (bf16 where native on the device, else float32; see
-            :func:`custom.networks.resolve_amp_dtype`), "bfloat16", "float16" or None for float32.
+            :func:`custom.model.precision.resolve_amp_dtype`), "bfloat16", "float16" or None for float32.
         channels_last: feed windows in channels-last memory format.
         sharpness: slope of the percentile sigmoid at inference, ``A = sigmoid(sharpness (a - tau))``;
             None: the network's own ``r`` (training's, 20 here, which saturates all but a thin rim
             of each nucleus to 0 or 1). A slope of about 1 gives a soft map whose histogram keeps
             the logits' spread, which a per-image threshold (``threshold="otsu"`` in
-            :func:`custom.postprocess.attention_to_instances`) needs.
+            :func:`custom.inference.postprocess.attention_to_instances`) needs.
     """
 
     def __init__(
@@ -170,26 +172,3 @@ class TiledAttentionInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             out = convert_to_dst_type(out, inputs, device=out.device)[0]
         return out
-
-
-def predict_attention(network: nn.Module, image, **inferer_kwargs) -> torch.Tensor:
-    """Attention of one image ``(C, H, W)`` or a batch ``(B, C, H, W)`` (tensor or numpy,
-    ImageNet-normalised), run on the network's device.
-
-    Args:
-        network: an :class:`AttentionNet` (with its running tau trained).
-        image: the normalised image(s).
-        **inferer_kwargs: :class:`TiledAttentionInferer` arguments (roi_size, margin, tta, ...).
-
-    Returns:
-        ``(B, 1, H, W)`` float32 attention in [0, 1] on the network's device.
-    """
-    x = torch.as_tensor(image)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"image must have shape (C, H, W) or (B, C, H, W), got {tuple(x.shape)}.")
-    param = next(_attention_net(network).parameters(), None)
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else x.dtype)
-    return TiledAttentionInferer(**inferer_kwargs)(x, network)

@@ -6,7 +6,7 @@ Two oracles, each fixing one half of the pipeline with the labels, bound what th
   of a connected component that touches a true nucleus is given to its nearest true nucleus; a
   component that touches none stays one (false) instance. Its AJI is the ceiling of any splitting of
   that foreground: what a perfect watershed would score.
-- the *true foreground* through the same splitting (``custom.postprocess.mask_to_instances`` of
+- the *true foreground* through the same splitting (``custom.inference.postprocess.mask_to_instances`` of
   ``gt > 0``): the ceiling of that splitting with a perfect foreground.
 
 :func:`segmentation_errors` counts the instance errors behind the gap: merges (one predicted nucleus
@@ -14,7 +14,7 @@ holding most of two or more true ones), splits (one true nucleus shared out amon
 missed true nuclei and false predictions.
 
 Labels are read here only to diagnose; nothing in training or post-processing uses these functions.
-Inputs are ``(H, W)`` instance maps as in :mod:`custom.metrics` (0 background, positive ids nuclei).
+Inputs are ``(H, W)`` instance maps as in :mod:`custom.evaluation.metrics` (0 background, positive ids nuclei).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from custom.metrics import check_instance_pair, InstanceOverlap
+from custom.evaluation.metrics import InstanceOverlap, check_instance_pair
 
-__all__ = ["ERROR_NAMES", "oracle_split", "segmentation_errors"]
+__all__ = ['ERROR_NAMES', 'oracle_split', 'segmentation_errors']
+
 
 ERROR_NAMES = ("n_true", "n_pred", "merges", "merged_true", "split_true", "missed_true", "false_pred")
+
+
 """Keys of :func:`segmentation_errors`, all counts of nuclei."""
+
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 

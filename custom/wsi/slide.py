@@ -50,50 +50,48 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from skimage.color import rgb2hsv
 from skimage.transform import resize
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "MAX_WHOLE_IMAGE_PIXELS",
-    "SLIDE_SUFFIXES",
-    "TIFF_CACHE_BYTES",
-    "MagnificationUnavailable",
-    "SlideError",
-    "SlideNotFoundError",
-    "Slide",
-    "TissueParams",
-    "list_slides",
-    "magnification_to_mpp",
-    "mpp_to_magnification",
-    "tissue_mask",
-    "write_pyramidal_tiff",
-]
+__all__ = ['IMAGE_SUFFIXES', 'MAX_WHOLE_IMAGE_PIXELS', 'SLIDE_SUFFIXES', 'TIFF_CACHE_BYTES', 'MagnificationUnavailable', 'SlideError', 'SlideNotFoundError', 'Slide', 'list_slides', 'magnification_to_mpp', 'mpp_to_magnification']
+
 
 logger = logging.getLogger(__name__)
 
+
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
 # Slide formats that are TIFF files: their structure is checked with tifffile before a backend opens them.
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
 _PLAIN_TIFF_SUFFIXES = (".tif", ".tiff")
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
 # Images that can only be decoded whole (PNG, JPEG, BMP) are refused above this many pixels (~ 8900 x 8900;
 # 240 MB as 8-bit RGB, plus the instance map written for plain images). Below Pillow's decompression-bomb warning.
 MAX_WHOLE_IMAGE_PIXELS = 80_000_000
+
+
 # Decoded strips/tiles kept per open TIFF read with tifffile (a window row of a wide stripped image reuses them).
 TIFF_CACHE_BYTES = 128 * 2**20
+
+
 # Tiles whose header bytes are checked per TIFF page when a JPEG / JPEG 2000 slide is opened (evenly spread).
 HEADER_CHECKS_PER_PAGE = 1024
+
+
 _WARNED: set[tuple[str, str]] = set()  # (file, conversion) already logged
+
+
 # Level-0 pixel sizes outside this range (um/px) are not microscope pixels (e.g. a 72 dpi screen resolution): ignored.
 PLAUSIBLE_MPP = (0.05, 50.0)
+
+
 # Levels whose pixel size is within this relative tolerance of the one asked for are read without resizing.
 MPP_RTOL = 0.02
 _UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "cm": 1e4,
@@ -314,8 +312,7 @@ def _too_large(path: Path, size: str) -> SlideError:
     return SlideError(
         f"{path}: the image is {size}; {path.suffix.lstrip('.').upper()} images can only be decoded whole, and the limit is "
         f"{MAX_WHOLE_IMAGE_PIXELS / 1e6:.0f} megapixels. Convert it to a tiled pyramidal TIFF, which is read by regions, and segment "
-        f"that: `vips tiffsave {path.name} {path.stem}.tif --tile --pyramid --compression deflate --tile-width 256 --tile-height 256`, "
-        "or custom.wsi.write_pyramidal_tiff.")
+        f"that: `vips tiffsave {path.name} {path.stem}.tif --tile --pyramid --compression deflate --tile-width 256 --tile-height 256`.")
 
 
 class _UndecodableTiff(SlideError):
@@ -365,7 +362,7 @@ class _TiffRegions:
                 raise SlideError(
                     f"{path}: level {level} is stored in compressed {'tiles' if pg.is_tiled else 'strips'} of {seg / 1e6:.0f} megapixels, "
                     f"which can only be decoded whole (the limit is {MAX_WHOLE_IMAGE_PIXELS / 1e6:.0f} megapixels). Convert it to a tiled "
-                    "pyramidal TIFF (custom.wsi.write_pyramidal_tiff, or vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg)."
+                    "pyramidal TIFF (vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg)."
                 )
             if pg.compression != 1:
                 try:
@@ -373,7 +370,7 @@ class _TiffRegions:
                 except KeyError as e:
                     raise _UndecodableTiff(f"{path}: its {tifffile.COMPRESSION(pg.compression).name} compression cannot be decoded here "
                                      f"({str(e).strip(chr(39))}): install imagecodecs (pip install imagecodecs), or convert it to a tiled "
-                                     "pyramidal TIFF (custom.wsi.write_pyramidal_tiff, vips tiffsave --tile --pyramid).") from e
+                                     "pyramidal TIFF (vips tiffsave --tile --pyramid).") from e
         self._lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
         self._cached_bytes = 0
@@ -794,69 +791,6 @@ class Slide:
         return f"Slide({self.path.name}, {self.backend}, {len(self.level_dims)} levels, {self.shape[0]}x{self.shape[1]}, {mag})"
 
 
-@dataclass(frozen=True)
-class TissueParams:
-    """Tissue detection in HSV on a low-resolution picture of the slide.
-
-    A pixel is tissue when its saturation >= ``min_saturation`` and its value
-    (brightness) is within [``min_value``, ``max_value``] (background glass is bright
-    and grey; pen and dirt are dark). The mask is then closed, holes are filled and
-    pieces smaller than ``min_area_um2`` are dropped (on a picture smaller than four such
-    pieces, a crop, pieces smaller than a quarter of the picture).
-
-    Args:
-        min_saturation: in [0, 1].
-        min_value, max_value: in [0, 1].
-        mask_mpp: pixel size of the mask in um/px (8 um: a 40x slide at 1/32).
-        min_area_um2: smallest tissue piece kept.
-    """
-
-    min_saturation: float = 0.07
-    min_value: float = 0.1
-    max_value: float = 0.95
-    mask_mpp: float = 8.0
-    min_area_um2: float = 5000.0
-
-    def __post_init__(self):
-        for name in ("min_saturation", "min_value", "max_value"):
-            v = getattr(self, name)
-            if not 0 <= v <= 1:
-                raise ValueError(f"tissue {name} must be in [0, 1], got {v!r}.")
-        if self.min_value >= self.max_value:
-            raise ValueError(f"tissue min_value ({self.min_value}) must be below max_value ({self.max_value}).")
-        if self.mask_mpp <= 0 or self.min_area_um2 < 0:
-            raise ValueError(f"tissue mask_mpp must be > 0 and min_area_um2 >= 0, got {self.mask_mpp}, {self.min_area_um2}.")
-
-
-def tissue_mask(slide: Slide, params: TissueParams | None = None) -> tuple[np.ndarray, float]:
-    """Tissue mask of a slide, computed once on a low-resolution picture.
-
-    Args:
-        slide: an open :class:`Slide` (its pixel size must be known).
-        params: thresholds (:class:`TissueParams`; defaults when None).
-
-    Returns:
-        ``(mask, factor)``: bool ``(h, w)`` mask and level-0 pixels per mask pixel.
-        The picture is read by regions (see :meth:`Slide.thumbnail`), never a whole level.
-    """
-    params = params or TissueParams()
-    h0, w0 = slide.shape
-    factor = max(1.0, params.mask_mpp / slide.require_mpp())
-    rgb, factor = slide.thumbnail(max_size=max(1, int(math.ceil(max(h0, w0) / factor))))
-    hsv = rgb2hsv(rgb)
-    s, v = hsv[..., 1], hsv[..., 2]
-    mask = (s >= params.min_saturation) & (v >= params.min_value) & (v <= params.max_value)
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2, border_value=0) | mask
-    mask = ndimage.binary_fill_holes(mask)
-    min_pixels = min(params.min_area_um2 / (factor * slide.require_mpp()) ** 2, mask.size / 4)  # a small crop keeps its tissue
-    if min_pixels > 1:
-        labels, n = ndimage.label(mask)
-        if n:
-            sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-            mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
-    return mask, factor
-
-
 def list_slides(source: str | Path | Sequence[str | Path], suffixes: Sequence[str] = SLIDE_SUFFIXES + IMAGE_SUFFIXES) -> list[Path]:
     """Slide files from a folder, a CSV, a single file or a list.
 
@@ -906,33 +840,3 @@ def list_slides(source: str | Path | Sequence[str | Path], suffixes: Sequence[st
             raise SlideError(f"{path}: lists no slides.")
         return out
     return [path]
-
-
-def write_pyramidal_tiff(path: str | Path, image: np.ndarray, mpp: float, levels: int = 3, tile: int = 256, compression: str | None = "zlib") -> Path:
-    """Write an RGB image as a tiled pyramidal TIFF readable by cuCIM and OpenSlide.
-
-    Args:
-        path: output file (``.tiff``).
-        image: ``(H, W, 3)`` uint8, level 0.
-        mpp: level-0 pixel size in um/px (stored as TIFF resolution in centimetres).
-        levels: number of levels, each half the size of the previous one.
-        tile: tile size in pixels (a multiple of 16).
-        compression: tifffile compression ("zlib", None, ...).
-    """
-    import tifffile
-
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}.")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    level = image
-    with tifffile.TiffWriter(tmp) as tw:
-        for i in range(levels):
-            res = 1e4 / (mpp * 2**i)  # pixels per centimetre
-            tw.write(level, tile=(tile, tile), compression=compression, photometric="rgb", resolution=(res, res),
-                     resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1)
-            if i + 1 < levels:
-                h, w = level.shape[0] // 2, level.shape[1] // 2
-                level = np.asarray(Image.fromarray(level).resize((w, h), Image.BILINEAR, reducing_gap=2.0))
-    tmp.replace(path)
-    return path

@@ -36,7 +36,6 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
@@ -46,24 +45,14 @@ from skimage.filters import threshold_local, threshold_otsu
 from skimage.morphology import disk, local_maxima, reconstruction
 from skimage.segmentation import watershed
 
-from custom.config import flag
+from custom.command_line import flag
 
-__all__ = [
-    "AttentionToInstances",
-    "AttentionToInstancesd",
-    "InstanceSegmentationHandler",
-    "attention_to_instances",
-    "fill_small_holes",
-    "keep_centred",
-    "local_threshold_mask",
-    "mask_to_instances",
-    "otsu_threshold",
-]
+__all__ = ['AttentionToInstances', 'AttentionToInstancesd', 'attention_to_instances', 'fill_small_holes', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
+
 
 OTSU = "otsu"
 DEFAULT_OTSU_RANGE = (0.4, 0.6)
 OTSU_CLIP_PERCENTILES = (0.5, 99.5)
-
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
@@ -505,44 +494,3 @@ class AttentionToInstancesd(MapTransform):
         for key in self.key_iterator(d):
             d[self.output_key if self.output_key is not None else f"{key}{self.suffix}"] = self.transform(d[key])
         return d
-
-
-class InstanceSegmentationHandler:
-    """Ignite handler: after each iteration, adds instance maps to ``engine.state.output``.
-
-    Works on a decollated output (a list of dicts, each attention ``(1, H, W)`` or
-    ``(H, W)``) and on a batch dict (attention ``(B, 1, H, W)``, instances written as
-    ``(B, 1, H, W)`` int32). Where the value under ``attention_key`` is itself a dict
-    (the training model's output), its "attention" entry is used.
-
-    Args:
-        output_key: key the instance maps are written to.
-        attention_key: key of the attention map.
-        **transform_kwargs: passed to :class:`AttentionToInstances` (threshold, min_size, ...).
-    """
-
-    def __init__(self, output_key: str = "pred_instances", attention_key: str = "pred", **transform_kwargs):
-        self.output_key, self.attention_key = output_key, attention_key
-        self.transform = AttentionToInstances(**transform_kwargs)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def _attention(self, item: Mapping):
-        if self.attention_key not in item:
-            raise KeyError(f"engine output has no {self.attention_key!r} entry (keys: {list(item)}).")
-        value = item[self.attention_key]
-        return value["attention"] if isinstance(value, Mapping) else value
-
-    def __call__(self, engine: Engine) -> None:
-        output = engine.state.output
-        items = output if isinstance(output, (list, tuple)) else [output]
-        for item in items:
-            if not isinstance(item, dict):
-                raise TypeError(f"engine output items must be dicts, got {type(item).__name__}.")
-            attention = self._attention(item)
-            if getattr(attention, "ndim", 0) == 4:  # batch (B, 1, H, W)
-                parts = [self.transform(a) for a in attention]
-                item[self.output_key] = torch.stack(parts) if isinstance(attention, torch.Tensor) else np.stack(parts)
-            else:
-                item[self.output_key] = self.transform(attention)

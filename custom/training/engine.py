@@ -13,21 +13,21 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ["NonFiniteTrainingError", "ScaleAttentionIteration"]
+__all__ = ['NonFiniteTrainingError', 'ScaleAttentionIteration']
 
 
 class NonFiniteTrainingError(FloatingPointError):
     """A non-finite training loss or gradient. In distributed training it is raised on every rank
     at the same iteration (the loss check is all-reduced, the gradients are DDP's all-reduced
     ones), so every rank may safely meet at a barrier after it (see
-    :class:`custom.handlers.NonFiniteStopBarrier`)."""
+    :class:`custom.training.handlers.NonFiniteStopBarrier`)."""
 
 
 class ScaleAttentionIteration:
     """One optimisation step of F and G on a batch of magnification-labelled tiles.
 
-    ``engine.network`` is a :class:`custom.networks.ScaleAttentionModel` (possibly
-    DDP-wrapped), ``engine.loss_function`` a :class:`custom.losses.ScaleAttentionLoss`.
+    ``engine.network`` is a :class:`custom.model.networks.ScaleAttentionModel` (possibly
+    DDP-wrapped), ``engine.loss_function`` a :class:`custom.model.losses.ScaleAttentionLoss`.
 
     Returns (and stores in ``engine.state.output``) a dict: ``image``, ``label``,
     ``pred`` (scale logits), ``attention``, ``loss`` (float) and each loss term,

@@ -7,7 +7,8 @@ boolean setting therefore goes through :func:`flag`.
 
 from __future__ import annotations
 
-__all__ = ["check_overrides", "flag", "refuse_none_values", "refuse_unknown_keys"]
+__all__ = ['check_overrides', 'flag', 'refuse_none_values', 'refuse_unknown_keys']
+
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0", "none", "")

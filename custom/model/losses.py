@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ScaleAttentionLoss", "equivariance_loss", "smoothness_loss"]
+__all__ = ['ScaleAttentionLoss', 'equivariance_loss', 'smoothness_loss']
 
 
 def smoothness_loss(attention: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ class ScaleAttentionLoss(nn.Module):
     Args:
         scale_weight, smooth_weight, equiv_weight: the weights (paper: all 1), >= 0.
 
-    ``forward(outputs, labels)`` takes the dict of :class:`custom.networks.ScaleAttentionModel`
+    ``forward(outputs, labels)`` takes the dict of :class:`custom.model.networks.ScaleAttentionModel`
     and magnification indices ``(B,)`` and returns a dict with ``loss`` (the total, for
     backward) and each active term (``loss_scale``, ``loss_smooth``, ``loss_equiv``).
     """
