@@ -1,13 +1,24 @@
-"""Config values as they arrive from the command line.
+"""The command line of ``python -m monai.bundle run``: config values as they arrive from it,
+checks of its overrides, and errors that end with their cause.
 
 ``python -m monai.bundle run ... --tta false`` hands the config the *string*
 ``"false"`` (Fire converts only ``False``), and ``bool("false")`` is True. Every
 boolean setting therefore goes through :func:`flag`.
+
+MONAI wraps an error raised in a config expression in ``RuntimeError: Failed to evaluate
+ConfigExpression ...``, so the real message sat in the middle of a long traceback.
+:func:`check_overrides` (the first step of every config's ``initialize``) therefore installs
+:func:`print_root_cause` as ``sys.excepthook``: the traceback, then the cause's one-line message last.
 """
 
 from __future__ import annotations
 
-__all__ = ['check_overrides', 'flag', 'refuse_none_values', 'refuse_unknown_keys']
+import os
+import sys
+from pathlib import Path
+
+__all__ = ['check_bundle_root', 'check_overrides', 'flag', 'install_excepthook', 'print_root_cause', 'refuse_none_values',
+           'refuse_unknown_keys', 'root_cause']
 
 
 _TRUE = ("true", "yes", "on", "1")
@@ -69,7 +80,8 @@ def check_overrides(argv: list[str] | None = None) -> None:
     The configs' ``initialize`` lists call this first. It reads ``sys.argv`` (or ``argv``)
     only when the program is ``monai.bundle``'s ``run`` command; anything else (tests,
     ``ConfigWorkflow`` used from Python, ``scripts/segment.py``, which checks its own
-    options) returns at once.
+    options) returns at once. Under ``monai.bundle`` it also installs :func:`install_excepthook`,
+    so this error, and any later one, ends with its one-line message.
 
     An override is accepted when its id (``a#b#c``) exists in the merged config files,
     or when it sets a ``_private_`` key (``_disabled_``, ``_mode_``) of an existing item.
@@ -77,12 +89,11 @@ def check_overrides(argv: list[str] | None = None) -> None:
     Raises:
         ValueError: naming the unknown option, the config files, and the closest key.
     """
-    import sys
-
     if argv is None:
         main = sys.argv[0].replace("\\", "/") if sys.argv else ""
         if not main.endswith("monai/bundle/__main__.py"):
             return
+        install_excepthook()
         argv = sys.argv[1:]
     positional, pairs = _parse_cli(argv)
     if not positional or positional[0] != "run" or "config_file" not in pairs:
@@ -145,3 +156,52 @@ def refuse_unknown_keys(keys, config_files, advice: str = "") -> None:
         close = difflib.get_close_matches(key, sorted(known), n=1)
         hint = f" Did you mean --{close[0]}?" if close else ""
         raise ValueError(f"--{key}: not a key of {config_files}, so it would be silently ignored.{hint} {advice}".rstrip())
+
+
+def check_bundle_root(bundle_root, *paths) -> None:
+    """Refuse a relative ``bundle_root`` that is not a folder of the current one when any of ``paths``
+    (the run's output folder, model file) lies inside it.
+
+    The configs' ``bundle_root`` is ``bundle``, relative to the folder the command runs in: run from
+    anywhere but the repository root, training would write a new ``bundle/runs/...`` there.
+
+    Raises:
+        ValueError: naming the current folder and ``--bundle_root``.
+    """
+    root = Path(str(bundle_root))
+    if root.is_absolute() or root.is_dir():
+        return
+    inside = [str(p) for p in paths if p is not None and (Path(str(p)) == root or root in Path(str(p)).parents)]
+    if inside:
+        raise ValueError(
+            f"bundle_root={str(bundle_root)!r} is not a folder of the current folder {os.getcwd()} (it would hold {inside[0]}): "
+            "run from the repository root, or pass --bundle_root /path/to/repo/bundle."
+        )
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of ``error``'s chain of explicit causes (``raise ... from e``)."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def print_root_cause(kind, value, tb) -> None:
+    """A ``sys.excepthook``: the usual traceback, then, when the error wraps another (MONAI's
+    "Failed to evaluate ConfigExpression"), a last line with the cause's type and message."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()  # open progress bars print now, not after the message
+    sys.__excepthook__(kind, value, tb)
+    cause = root_cause(value) if isinstance(value, BaseException) else value
+    if cause is not value:
+        message = " ".join(str(cause).split()) or "(no message)"
+        print(f"\n{type(cause).__name__}: {message}", file=sys.stderr, flush=True)
+
+
+def install_excepthook() -> None:
+    """Make :func:`print_root_cause` the process's ``sys.excepthook`` (once)."""
+    if sys.excepthook is not print_root_cause:
+        sys.excepthook = print_root_cause

@@ -16,7 +16,6 @@ from monai.transforms import MapTransform, RandomizableTransform, Transform
 from skimage.color import lab2rgb, rgb2lab
 from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 
-
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DIHEDRAL_NAMES', 'EQUIVARIANCE_TRANSFORMS', 'RandDihedral', 'RandDihedrald', 'RandHEDJitter', 'RandHEDJitterd', 'ReinhardNormalize', 'ReinhardNormalized', 'dihedral', 'dihedral_inverse', 'reinhard_source_stats', 'reinhard_stats']
 
 

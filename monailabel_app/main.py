@@ -10,24 +10,22 @@ the pixel size of plain images (PNG/JPEG) whose files do not carry one. See READ
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Dict
 
+import torch
+from lib.infers import NucleiBundleInferTask
+
+import monailabel
+from monailabel.datastore.dsa import DSADatastore
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.random import Random
+
+# the repository; the bundle's Python package custom/ comes from `pip install -r requirements.txt` (pip install -e .)
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the bundle's Python package custom/ lives at the repository root
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from lib.infers import NucleiBundleInferTask  # noqa: E402
-
-import monailabel  # noqa: E402
-from monailabel.datastore.dsa import DSADatastore  # noqa: E402
-from monailabel.interfaces.datastore import Datastore  # noqa: E402
-from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
-from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
-from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
-from monailabel.tasks.activelearning.random import Random  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

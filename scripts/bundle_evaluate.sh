@@ -1,4 +1,4 @@
-# Sourced by scripts/evaluate_all.sh, scripts/evaluate_heldout.sh and scripts/ablation_study.sh.
+# Sourced by scripts/evaluate_all.sh, scripts/evaluate_heldout.sh and scripts/research/ablation_study.sh.
 # One run of the bundle's evaluation workflow:
 #   bundle_evaluate EVAL_DIR METHOD [EXTRA_CONFIG...] [-- OVERRIDE...]
 # layers train.json, evaluate.json and the EXTRA_CONFIGs, evaluates $DATA (a prepared dataset) as METHOD

@@ -4,23 +4,24 @@
 #   scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]
 # RUNS_DIR holds one folder per trained variant with its model.pt (default bundle/runs);
 # each variant's post-processing is tuned on the validation split first (stored in its model.pt),
-# on attention maps computed with the sigmoid slope $SHARPNESS (default 1, as for the shipped
-# model; SHARPNESS= empty: each network's own slope).
+# on attention maps computed with the sigmoid slope R=$R (default 1, as for the shipped
+# model; R= empty: each network's own slope).
 # A folder <variant>_s<seed> is a seed replica of <variant> ("train" = the shipped recipe):
 # it is evaluated into $EVAL_ROOT/replicas/<variant>_s<seed>/ and summarised by
 # `results_table.py --seeds`; every other evaluation goes to $EVAL_ROOT/<name>/ (default
-# EVAL_ROOT=bundle/eval; e.g. EVAL_ROOT=bundle/eval/plain_reinhard_recipe for that archived recipe's
-# models in bundle/models/ablations/plain_reinhard_recipe). With NAMEs, only those folders are
-# evaluated (no model, no baselines). Every evaluation writes its error analysis too (--error_analysis true).
+# EVAL_ROOT=bundle/runs/eval, the user's own; EVAL_ROOT=results rewrites the committed summaries that
+# the documents' tables read, EVAL_ROOT=results/plain_reinhard_recipe an archived recipe's).
+# With NAMEs, only those folders are evaluated (no model, no baselines). Every evaluation writes its
+# error analysis too (--error_analysis true).
 set -euo pipefail
+case ${1:-} in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 DATA=${1:?usage: scripts/evaluate_all.sh DATASET_DIR [RUNS_DIR [NAME...]]}
 RUNS=${2:-bundle/runs}
 shift $(( $# < 2 ? $# : 2 )); NAMES=("$@")
 C=bundle/configs
 PY=${PYTHON:-python}
-SHARPNESS=${SHARPNESS-1}; slope=(); [ -n "$SHARPNESS" ] && slope=(--sharpness "$SHARPNESS")
-EVAL_ROOT=${EVAL_ROOT:-bundle/eval}
-export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
+R=${R-1}; slope=(); [ -n "$R" ] && slope=(--r "$R")
+EVAL_ROOT=${EVAL_ROOT:-bundle/runs/eval}
 # shellcheck source=scripts/bundle_evaluate.sh
 . "$(dirname "$0")/bundle_evaluate.sh"
 evaluate() {  # [into=EVAL_DIR] evaluate METHOD EXTRA_CONFIG... -- OVERRIDES...  (default EVAL_DIR: $EVAL_ROOT/METHOD)
@@ -30,7 +31,7 @@ if [ ${#NAMES[@]} -eq 0 ]; then
   # the classical baselines tuned on validation like the model, then the model (with its tuned
   # post-processing and with the paper's) and each baseline (with the paper's and with its tuned one)
   for b in $BASELINES; do
-    $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b
+    $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --method $b --out_config "bundle/configs/baselines/${b}_tuned.json"
   done
   bundle_evaluate_rows "$EVAL_ROOT"
   NAMES=(); for d in "$RUNS"/*/; do NAMES+=("$(basename "$d")"); done

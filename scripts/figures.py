@@ -1,8 +1,11 @@
 """Figures for the README and model card, from a trained model and a training run.
 
-    python scripts/figures.py attention --model bundle/models/model.pt --dataset_dir ../shared/data/monuseg \\
-        --out bundle/docs/images/attention_val.png
-    python scripts/figures.py curves --run_dir bundle/runs/train --out bundle/docs/images/training_curves.png
+    python scripts/figures.py attention --dataset_dir ../shared/data/monuseg    # bundle/runs/figures/attention_val.png
+    python scripts/figures.py curves --run_dir bundle/runs/train                # bundle/runs/train/training_curves.png
+
+Nothing under ``bundle/docs`` changes unless ``--out`` names it. The model card's figures are these two
+outputs (``bundle/docs/images/attention_val.jpg`` is the PNG re-saved as JPEG, quality 85, to stay under
+400 KB; ``training_curves.png`` as drawn).
 
 ``attention`` builds the network and the stain normalisation from the bundle's
 config (so overrides such as ``--width`` match the run), computes attention maps
@@ -14,7 +17,6 @@ printed check; training never reads them.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import fire
@@ -22,11 +24,10 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: str = "data/monuseg", split: str = "val", n: int = 3,
-              out: str = "bundle/docs/images/attention_val.png", config: str | None = None, tta: bool = True, ids=None,
+              out: str = "bundle/runs/figures/attention_val.png", config: str | None = None, tta: bool = True, ids=None,
               crop: int = 400) -> None:
     """Attention maps and nucleus instances of whole images of ``split``, through the
     evaluation workflow's own preprocessing, inferer and (tuned) post-processing;
@@ -94,9 +95,10 @@ def attention(model: str = str(REPO / "bundle/models/model.pt"), dataset_dir: st
     print(f"wrote {out}")
 
 
-def curves(run_dir: str, out: str = "bundle/docs/images/training_curves.png", smooth: int = 10) -> None:
+def curves(run_dir: str, out: str | None = None, smooth: int = 10) -> None:
     """Training losses, scale accuracy (train batches, moving average of ``smooth``), tau and
-    validation scale accuracy from the TensorBoard events in ``run_dir``."""
+    validation scale accuracy from the TensorBoard events in ``run_dir``, drawn to ``out``
+    (default ``<run_dir>/training_curves.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,6 +155,7 @@ def curves(run_dir: str, out: str = "bundle/docs/images/training_curves.png", sm
     axes[2].set_xlabel("iteration")
     axes[2].set_title("tau (batch (100 - eta)-th percentile logit)")
     fig.tight_layout()
+    out = out or str(Path(run_dir) / "training_curves.png")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     print(f"wrote {out}")

@@ -16,10 +16,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 import fire
 
 from custom.data.monuseg import ensure_monuseg, has_prepared_data, prepare_monuseg

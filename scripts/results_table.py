@@ -1,19 +1,19 @@
 """Print the Table-1-style comparison from evaluation summaries (``summary.json``
-files written by ``bundle/configs/evaluate.json``), so that the README table is
-generated, not typed.
+files written by ``bundle/configs/evaluate.json``), so that the documents' tables are
+generated, not typed. The committed summaries live in ``results/`` at the repository root.
 
 Usage::
 
-    python scripts/results_table.py                      # every bundle/eval/*/summary.json
-    python scripts/results_table.py bundle/eval/model bundle/eval/hematoxylin_otsu --paper false
-    python scripts/results_table.py --out bundle/docs/results.md
-    python scripts/results_table.py --into README.md      # refill the README's generated block
-    python scripts/results_table.py --seeds --into README.md   # the seed table of bundle/eval/replicas, its block
-    python scripts/results_table.py --eval_root bundle/eval/plain_reinhard_recipe --paper false \
-        --block plain_reinhard_recipe --into README.md         # an archived recipe's rows, its own block
-    python scripts/results_table.py --errors --into README.md  # the error analysis and its block
+    python scripts/results_table.py                      # every results/*/summary.json
+    python scripts/results_table.py results/model bundle/runs/eval/model --paper false
+    python scripts/results_table.py --eval_root bundle/runs/eval   # your own evaluations
+    python scripts/results_table.py --into README.md      # refill the README's results block
+    python scripts/results_table.py --seeds --eval_root results/plain_reinhard_recipe   # a seed table
+    python scripts/results_table.py --eval_root results/plain_reinhard_recipe --paper false \
+        --block plain_reinhard_recipe --into docs/experiments.md   # an archived recipe's rows, its own block
+    python scripts/results_table.py --errors --into docs/experiments.md  # the error analysis and its block
     python scripts/results_table.py --refresh_all --into README.md  # every generated block, each by its name
-    scripts/refresh_tables.sh                                  # every generated block of README.md and the model card
+    scripts/refresh_tables.sh                                  # every generated block of every document
 
 Rows: one per summary (its ``method``; default: every ``<eval_root>/*/summary.json``),
 in the order given (default: sorted by AJI),
@@ -25,9 +25,9 @@ run with ``--error_analysis true`` (``ErrorAnalysisReport``): its AJI, the AJI o
 labels, the AJI of the true foreground split by its post-processing, and its instance errors.
 
 With ``--seeds``: one row per trained variant that has seed replicas
-(``bundle/eval/replicas/<variant>_s<seed>/``, written by ``scripts/evaluate_all.sh``),
+(``<eval_root>/replicas/<variant>_s<seed>/``, written by ``scripts/evaluate_all.sh``),
 with the mean and the range over its seeds; seed 0 is the variant's own row
-(``bundle/eval/<variant>/``; for ``train``, the shipped ``model``).
+(``<eval_root>/<variant>/``; for ``train``, the shipped ``model``).
 """
 
 from __future__ import annotations
@@ -35,14 +35,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import fire
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from custom.command_line import flag  # noqa: E402
-from custom.atomic_write import write_atomic  # noqa: E402
+from custom.atomic_write import write_atomic
+from custom.command_line import flag
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +69,7 @@ def load_summaries(paths) -> list[dict]:
         p = Path(p)
         f = p / "summary.json" if p.is_dir() else p
         if not f.is_file():
-            raise SystemExit(f"{p}: no summary.json (run the evaluation first: see README, 'Evaluate').")
+            raise SystemExit(f"{p}: no summary.json (run the evaluation first: README, 'Results').")
         try:
             out.append(json.loads(f.read_text()))
         except json.JSONDecodeError as e:
@@ -111,7 +109,6 @@ def markers(block: str) -> tuple[str, str]:
 
 
 START, END = markers("results")
-SEED_START, SEED_END = markers("seed")
 ERROR_COLUMNS = [("aji", "AJI", 4), ("aji_oracle_split", "AJI, its foreground split by the labels", 4),
                  ("aji_true_foreground", "AJI, the true foreground split by its post-processing", 4), ("dice", "ADC (Dice)", 4)]
 ERROR_COUNTS = [("merged_true", "true nuclei merged (merges)", "merges"), ("split_true", "true nuclei split", None),
@@ -188,7 +185,7 @@ def _eval_summaries(eval_root) -> list[dict]:
     """Every ``<eval_root>/*/summary.json`` (in path order), or ``SystemExit`` when there is none."""
     found = sorted(Path(eval_root).glob("*/summary.json"))
     if not found:
-        raise SystemExit(f"no {eval_root}/*/summary.json yet: run the evaluation first (README, 'Evaluate').")
+        raise SystemExit(f"no {eval_root}/*/summary.json yet: run the evaluation first (README, 'Results').")
     return load_summaries(found)
 
 
@@ -214,8 +211,6 @@ def error_table_of(eval_root) -> str:
     return error_table(found)
 
 
-# the block "seed" holds the seed table of this archived recipe (the block predates the naming convention)
-SEED_BLOCK_ROOT = "plain_reinhard_recipe"
 BLOCK_NAME = re.compile(r"<!-- ([A-Za-z0-9_ -]+) table: generated -->")
 
 
@@ -223,7 +218,6 @@ def block_table(name: str, eval_root) -> str:
     """The table that the generated Markdown block ``name`` holds, from the outputs under ``eval_root``:
 
     - ``results``: every ``<eval_root>/*/summary.json`` with the paper's rows;
-    - ``seed``: the seed table of ``<eval_root>/plain_reinhard_recipe`` (:data:`SEED_BLOCK_ROOT`);
     - ``errors`` / ``<root>_errors``: the error analysis of ``eval_root`` / ``<eval_root>/<root>``;
     - ``<root>_seeds``: the seed table of ``<eval_root>/<root>``;
     - any other ``<root>``: every ``<eval_root>/<root>/*/summary.json``, without the paper's rows.
@@ -231,8 +225,6 @@ def block_table(name: str, eval_root) -> str:
     root = Path(eval_root)
     if name == "results":
         return summary_table_of(root)
-    if name == "seed":
-        return seed_table_of(root / SEED_BLOCK_ROOT)
     if name == "errors":
         return error_table_of(root)
     if name.endswith("_errors"):
@@ -262,7 +254,7 @@ def refresh(doc, eval_root) -> list[str]:
 
 
 def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = None, into: str | None = None,
-         seeds: bool = False, eval_root: str = str(REPO / "bundle" / "eval"), block: str | None = None,
+         seeds: bool = False, eval_root: str = str(REPO / "results"), block: str | None = None,
          errors: bool = False, refresh_all: bool = False) -> None:
     """Print (and optionally write to ``out``) the comparison table, with ``seeds`` the seed table, or
     with ``errors`` the error-analysis table.
@@ -275,10 +267,11 @@ def main(*paths: str, paper: bool = True, sort: bool = True, out: str | None = N
         into: also put the table into this Markdown file, between the lines
             ``<!-- results table: generated -->`` and ``<!-- end of results table -->``
             (README.md and bundle/docs/README.md have that block); with ``seeds``, between
-            ``<!-- seed table: generated -->`` and ``<!-- end of seed table -->``.
+            ``<!-- seed table: generated -->`` and ``<!-- end of seed table -->`` (see ``block``).
         seeds: print the seed table of ``eval_root`` instead (``paths``, ``paper`` and ``sort`` do not apply).
-        eval_root: the evaluation folder read when no ``paths`` are given, and by ``seeds``
-            (e.g. ``bundle/eval/plain_reinhard_recipe``, the archived previous recipe).
+        eval_root: the evaluation folder read when no ``paths`` are given, and by ``seeds``, ``errors``
+            and ``refresh_all`` (default: the committed ``results/``; ``bundle/runs/eval`` holds the
+            evaluations a user runs; ``results/plain_reinhard_recipe``: an archived earlier recipe).
         block: the name of the block that ``into`` fills, between ``<!-- {block} table: generated -->``
             and ``<!-- end of {block} table -->`` (default ``results``, ``seed`` with ``seeds``, ``errors``
             with ``errors``).

@@ -4,9 +4,9 @@
 Usage::
 
     python scripts/segment.py SLIDE_OR_FOLDER --out DIR [--model bundle/models/model.pt]
-    python scripts/segment.py ../shared/data/wsi/cmu_small_region.svs --out results
-    python scripts/segment.py slide_without_metadata.svs --out results --mpp 0.25
-    python scripts/segment.py ../shared/data/monuseg/images --out results --base_magnification 40
+    python scripts/segment.py ../shared/data/wsi/cmu_small_region.svs --out output
+    python scripts/segment.py slide_without_metadata.svs --out output --mpp 0.25
+    python scripts/segment.py ../shared/data/monuseg/images --out output --base_magnification 40
 
 Per slide it writes ``<name>.geojson`` (QuPath: File > Import objects),
 ``<name>.csv``, ``<name>_overlay.png``, ``<name>.json`` (and ``<name>_instances.png``
@@ -34,7 +34,6 @@ from pathlib import Path
 import fire
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def segment(input: str, out: str = "segmentation", model: str | None = None, backend: str = "cucim", mpp: float | None = None,
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run :func:`segment` from the command line (``argv``: the arguments, default ``sys.argv[1:]``);
     errors end with their message (see :func:`error_message`) and exit status 1."""
     try:
-        fire.Fire(segment, command=argv)
+        args = sys.argv[1:] if argv is None else list(argv)
+        fire.Fire(segment, command=["--", "--help"] if any(a in ("-h", "--help") for a in args) else args)
     except Exception as e:  # noqa: BLE001 - report the cause the bundle wraps, then fail
         print(f"segment.py: error: {error_message(e)}", file=sys.stderr)
         sys.exit(1)

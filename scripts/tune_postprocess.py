@@ -8,7 +8,7 @@ radii (``morphology_radii``, the paper's (2, 1) or fewer; []: none), the largest
 (``fill_holes``, 0: none), the marker footprint radius and least
 height (``marker_h``, 0: none), the blur of the distance map and the minimum
 size are searched by coordinate ascent on mean AJI (the authors' definition), starting
-from the paper's values. ``--sharpness`` sets the slope of the
+from the paper's values. ``--r`` sets the slope of the percentile
 sigmoid the maps are computed with (default: the network's own; about 1 gives the soft
 maps a per-image Otsu threshold needs) and is stored with the result. The result is written
 
@@ -19,8 +19,8 @@ maps a per-image Otsu threshold needs) and is stored with the result. The result
 
 Usage::
 
-    python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --write_model
-    python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --sharpness 1 --write_model
+    python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --checkpoint bundle/runs/train/model.pt \
+        --r 1 --write_model
     python scripts/tune_postprocess.py --dataset_dir ../shared/data/monuseg --method hematoxylin_otsu \
         --out_config bundle/configs/baselines/hematoxylin_otsu_tuned.json
 """
@@ -28,7 +28,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,16 +37,14 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from custom.command_line import flag  # noqa: E402
 from custom.atomic_write import write_atomic  # noqa: E402
 from custom.evaluation.metrics import instance_metrics  # noqa: E402
 from custom.model.networks import check_sigmoid_slope  # noqa: E402
-from custom.inference.postprocess import DEFAULT_OTSU_RANGE, OTSU, attention_to_instances  # noqa: E402
+from custom.inference.postprocess import OTSU, PostprocessParams, attention_to_instances  # noqa: E402
 
 CONFIGS = REPO / "bundle" / "configs"
-PAPER = {"threshold": 0.5, "morphology_radii": [2, 1], "sigma": 1.0, "footprint_radius": 7, "min_size": 0}
 GRID = {
     "threshold": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, OTSU],
     "attention_sigma": [0.0, 0.5, 1.0, 1.5, 2.0],
@@ -105,7 +102,7 @@ def main(
     out_config: str | None = None,
     write_model: bool = False,
     train_split: str = "train",
-    sharpness: float | None = None,
+    r: float | None = None,
     start: str = "paper",
 ):
     """Search the post-processing parameters on ``split`` of ``dataset_dir``.
@@ -120,11 +117,12 @@ def main(
         tta: test-time augmentation for the attention maps, as at evaluation.
         rounds: passes of coordinate ascent over the parameters of ``GRID``.
         workers: processes for the search.
-        out_config: where to write the override (default: ``bundle/configs/postprocess_tuned.json``
-            for the model, ``bundle/configs/baselines/<method>_tuned.json`` for a baseline).
-        write_model: also store the values (and a missing stain target) in the model file.
+        out_config: where to write the override (default: ``bundle/runs/tune/<method>_tuned.json``;
+            the committed ``bundle/configs/baselines/<method>_tuned.json`` changes only when named here).
+        write_model: also store the values (and a missing stain target) in the model file, which must
+            then be named with ``--checkpoint`` (the shipped ``bundle/models/model.pt`` too).
         train_split: the split whose images define the stain target if the model lacks one.
-        sharpness: slope of the attention sigmoid for the maps (the inferer's ``sharpness``; None:
+        r: slope of the percentile sigmoid for the maps (the inferer's ``r``; None:
             the network's ``r``); stored with the tuned values, so evaluation and inference use it.
         start: where the coordinate ascent starts: "paper" (the paper's values, no blur, no local
             threshold, no marker height, no hole filling) or "stored" (the values stored in the model file, e.g. to
@@ -132,10 +130,14 @@ def main(
             optimum, so the two starts can end at different values.
     """
     try:
-        slope = check_sigmoid_slope(sharpness, "sharpness")
+        slope = check_sigmoid_slope(r, "r")
     except ValueError as e:
-        raise SystemExit(f"--sharpness {sharpness!r}: {e} Omit it for the network's own slope.") from None
-    sharpness = slope
+        raise SystemExit(f"--r {r!r}: {e} Omit it for the network's own slope.") from None
+    r = slope
+    write_model = flag(write_model, "--write_model")
+    if write_model and not checkpoint:
+        raise SystemExit("--write_model: name the model file to store the values in with --checkpoint "
+                         "(e.g. --checkpoint bundle/runs/train/model.pt; the shipped bundle/models/model.pt only by name).")
     if start not in ("paper", "stored") or (start == "stored" and method != "model"):
         raise SystemExit(f"--start {start!r}: 'paper', or 'stored' (the model file's tuned values; only with --method model).")
     if split in FORBIDDEN_SPLITS:
@@ -149,11 +151,11 @@ def main(
         files.append(str(baseline))
     from monai.bundle import ConfigParser
 
-    tta, write_model = flag(tta, "--tta"), flag(write_model, "--write_model")
+    tta = flag(tta, "--tta")
     parser = ConfigParser()
     parser.read_config(files)
     parser.update({"dataset_dir": dataset_dir, "download": False, "eval_split": split, "tta": tta and method == "model",
-                   "eval#sharpness": sharpness})
+                   "eval#inferer#r": r})
     if checkpoint:
         parser["checkpoint"] = checkpoint
     model_path = Path(parser.get_parsed_content("checkpoint")) if method == "model" else None
@@ -168,17 +170,14 @@ def main(
             raise SystemExit(f"--start stored: {e} Use --start paper.") from None
     maps, network = attention_maps(parser)
 
-    best = dict(PAPER, otsu_range=list(DEFAULT_OTSU_RANGE), attention_sigma=0.0, local_block_size=0, local_offset=0.0,
-                marker_h=0.0, fill_holes=0)  # otsu_range: not searched
-    if start == "stored":
-        stored = dict(getattr(network, "postprocess", {}) or {})
-        best.update({k: v for k, v in stored.items() if k in best})
+    # the paper's values (PostprocessParams' defaults) or the model's stored set; otsu_range is not searched
+    best = PostprocessParams.from_stored(getattr(network, "postprocess", None) if start == "stored" else None).as_dict()
     with ProcessPoolExecutor(max_workers=workers, initializer=_init, initargs=(maps,)) as pool:
         best_score = pool.submit(_score, best).result()
         origin = "the stored values" if start == "stored" else "the paper's values"
         print(f"start ({origin} {best}): AJI {best_score:.4f}", flush=True)
         start = best_score
-        for r in range(rounds):
+        for round_ in range(rounds):
             changed = False
             for name, values in GRID.items():
                 if method != "model" and name in MAP_PARAMS:
@@ -188,25 +187,25 @@ def main(
                 k = int(np.argmax(scores))
                 if scores[k] > best_score + 1e-6:
                     best, best_score, changed = trials[k], scores[k], True
-                print(f"round {r + 1} {name}: " + ", ".join(f"{v}={s:.4f}" for v, s in zip(values, scores))
+                print(f"round {round_ + 1} {name}: " + ", ".join(f"{v}={s:.4f}" for v, s in zip(values, scores))
                       + f" -> {best[name]}", flush=True)
             if not changed:
                 break
     print(f"tuned on {len(maps)} {split} images: AJI {start:.4f} -> {best_score:.4f} with {best}")
 
-    out = Path(out_config) if out_config else (
-        CONFIGS / "postprocess_tuned.json" if method == "model" else CONFIGS / "baselines" / f"{method}_tuned.json")
-    override = {f"eval#postprocess_params#{k}": v for k, v in best.items()}
+    out = Path(out_config) if out_config else REPO / "bundle" / "runs" / "tune" / f"{method}_tuned.json"
+    override = {"postprocess": best}
     if method == "model":
-        override["eval#sharpness"] = sharpness
+        override["eval#inferer#r"] = r
     else:
         override["method"] = f"{method}_tuned"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(override, indent=4) + "\n"))
     print(f"wrote {out}")
     if write_model and model_path is not None:
         from custom.model.checkpoint import save_attention_network
 
-        network.postprocess = dict(best, sharpness=sharpness, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": tta})
+        network.postprocess = dict(best, r=r, tuned_on={"split": split, "n_images": len(maps), "aji": round(best_score, 4), "tta": tta})
         save_attention_network(network, model_path)
         print(f"stored the tuned parameters in {model_path}")
 

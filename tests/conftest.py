@@ -1,9 +1,12 @@
-"""Shared test fixtures: repo root on sys.path, real data location, small generated datasets."""
+"""Shared test fixtures: real data location, small generated datasets.
+
+``custom`` is the installed package (``pip install -e .``, the last line of requirements.txt);
+``tests.slides`` and ``monailabel_app`` import from the repository root, which pytest puts on
+``sys.path`` as the folder above the package ``tests/`` (its default prepend import mode)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +16,6 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MONUSEG = SHARED_DATA / "monuseg"
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def error_messages(error: BaseException | None) -> str:

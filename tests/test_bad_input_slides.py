@@ -285,6 +285,9 @@ CASES = [
     pytest.param(Case(lambda d: tifffile.imwrite(d / "stripped.tif", HE, photometric="rgb", rowsperstrip=16, compression="zlib",
                                                  resolution=(4e4, 4e4), resolutionunit="CENTIMETER") or d / "stripped.tif", "same", "",
                       (), ("stripped",), args=("--backend", "openslide")), id="stripped_tiff_openslide_cannot_read"),
+    # options: a decimal comma (read as the pair (0, 25) by the command line) is named, with the fix
+    pytest.param(Case(_he_png, "error", r"--mpp: '0,25' is not a number \(use a decimal point: 0\.25\)", args=("--mpp", "0,25")),
+                 id="mpp_decimal_comma"),
 ]
 
 

@@ -1,6 +1,8 @@
 """End-to-end: the bundle's training workflow for a couple of iterations, as a user runs it."""
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +28,29 @@ def run_training(tmp_path: Path, dataset: Path, *extra: str, config_files=("trai
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_training_writes_events_checkpoints_and_model(tmp_path):
+SHIPPED = REPO / "bundle" / "models" / "model.pt"
+
+
+def test_training_writes_its_run_folder_and_leaves_the_shipped_model(tmp_path):
+    """The README's training command, small, in a bundle folder holding a copy of the shipped model: that
+    file stays byte-identical; the run writes runs/train/{model.pt, checkpoints/checkpoint_latest.pt, events}."""
     dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=192)
+    shipped = tmp_path / "bundle" / "models" / "model.pt"
+    shipped.parent.mkdir(parents=True)
+    shutil.copy(SHIPPED, shipped)
+    before = hashlib.sha256(shipped.read_bytes()).hexdigest()
     proc = run_training(tmp_path, dataset)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["model.pt"]
     out = tmp_path / "bundle" / "runs" / "train"
     assert list(out.glob("events.out.tfevents.*"))
-    ckpt = torch.load(out / "checkpoints" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt)
+    # one resumable checkpoint (F + G + optimiser + scheduler + trainer + random state), the end of the run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_latest.pt"]
+    ckpt = torch.load(out / "checkpoints" / "checkpoint_latest.pt", map_location="cpu", weights_only=True)
+    assert {"network", "optimizer", "lr_scheduler", "trainer", "evaluators", "epoch_seed"} <= set(ckpt)
     assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["epoch_length"] == 2
-    assert (out / "checkpoints" / "best_val_attention_dice.pt").is_file()
-    state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     net = AttentionNet(width=4)
     net.load_state_dict(state)  # F only: loads into the bare attention network
     # the export is the best epoch by validation Dice: the state after epoch 1 (2 steps) or 2 (4 steps)
@@ -50,7 +64,22 @@ def test_training_writes_events_checkpoints_and_model(tmp_path):
     assert {"train/loss", "train/loss_scale", "train/loss_smooth", "train/loss_equiv", "train/accuracy", "train/tau",
             "val_scale_accuracy", "val_attention_dice"} <= scalars
     assert {"val_attention/image", "val_attention/attention", "val_attention/attended"} <= set(acc.Tags()["images"])
+    # training shows progress bars (training, both validations) on stderr
+    assert "training [2/2]: [2/2] 100%" in proc.stderr, proc.stderr[-3000:]
+    assert "validation: attention Dice (images) [2/2]" in proc.stderr and "validation: scale accuracy (tiles) [2/2]" in proc.stderr
     # resuming from these checkpoints: tests/test_resume.py
+
+
+@pytest.mark.parametrize("extra", [(), ("train_wsi.json",), ("multi_gpu_train.json",)]
+                         + [(f"ablations/{p.name}",) for p in sorted((CONFIGS / "ablations").glob("*.json"))])
+def test_training_configs_export_into_their_run_folder(extra):
+    """No training config writes the shipped bundle/models/model.pt: the model goes to the run's output_dir."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), *(str(CONFIGS / e) for e in extra)])
+    parser["bundle_root"] = "/b"
+    output_dir, model_path = parser.get_parsed_content("output_dir"), parser.get_parsed_content("model_path")
+    assert output_dir.startswith("/b/runs/") and model_path == output_dir + "/model.pt"
+    assert parser.get_parsed_content("ckpt_dir").startswith(output_dir)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +114,7 @@ def test_default_stain_normalisation_is_contrast_capped():
     parser.read_config(str(CONFIGS / "train.json"))
     parser["network_def#stain_target"] = None
     assert parser.get_parsed_content("network_def").stain_settings == {"brightness_percentile": None, "max_std_ratio": 1.5}
-    parser["reinhard_target"] = [[70.0, 20.0, -15.0], [12.0, 8.0, 6.0]]
+    parser["stain_target"] = [[70.0, 20.0, -15.0], [12.0, 8.0, 6.0]]
     normalise = parser.get_parsed_content("stain_normalisation").transform
     assert normalise.brightness_percentile is None and normalise.max_std_ratio == 1.5
 
@@ -101,14 +130,14 @@ def test_missing_dataset_stops_with_clear_message(tmp_path):
     proc = run_training(tmp_path, tmp_path / "nothing-here", "--download", "false")
     assert proc.returncode != 0
     assert "--dataset_dir" in proc.stdout + proc.stderr
-    assert not (tmp_path / "bundle" / "models" / "model.pt").exists()
+    assert not (tmp_path / "bundle" / "runs" / "train" / "model.pt").exists()
 
 
 def test_training_on_real_monuseg(tmp_path):
     root = require_monuseg()
     proc = run_training(tmp_path, root, "--epochs", "1", "--val_split", "val")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+    assert (tmp_path / "bundle" / "runs" / "train" / "model.pt").is_file()
 
 
 def test_training_from_whole_slides(tmp_path, pyramid_slide):
@@ -120,5 +149,5 @@ def test_training_from_whole_slides(tmp_path, pyramid_slide):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "bundle" / "runs" / "train"
     assert len(list(out.glob("tile_index_*.npz"))) == 1
-    assert (out / "checkpoints" / "checkpoint_final.pt").is_file()
-    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+    assert (out / "checkpoints" / "checkpoint_latest.pt").is_file()
+    assert (out / "model.pt").is_file()

@@ -50,7 +50,7 @@ def test_distributed_sampler_ranks_split_one_balanced_global_batch():
         BalancedMagnificationBatchSampler(5, 3, batch_size=4, num_batches=2, rank=2, world_size=2)
 
 
-def _torchrun_training(tmp_path, extra: dict, iterations: int) -> tuple[subprocess.CompletedProcess, object]:
+def _torchrun_training(tmp_path, extra: dict, iterations: int, *args: str) -> tuple[subprocess.CompletedProcess, object]:
     """2-rank CPU training of a width-4 F on a small generated dataset, ``train.json`` +
     ``multi_gpu_train.json`` + the test's ``extra`` config; returns (process, output folder)."""
     dataset = make_prepared_dataset(tmp_path / "data", n_images=4, size=256)
@@ -61,7 +61,7 @@ def _torchrun_training(tmp_path, extra: dict, iterations: int) -> tuple[subproce
     cmd = TORCHRUN + ["-m", "monai.bundle", "run", "training", "--config_file", configs,
                       "--dataset_dir", str(dataset), "--download", "False", "--output_dir", str(out),
                       "--model_path", str(out / "model.pt"), "--width", "4", "--crop_size", "64", "--batch_size", "6",
-                      "--epochs", "1", "--iterations_per_epoch", str(iterations), "--num_workers", "0"]
+                      "--epochs", "1", "--iterations_per_epoch", str(iterations), "--num_workers", "0", *args]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400), out
 
 
@@ -82,7 +82,7 @@ def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
     different = [k for k in params if not torch.equal(r0["state"][k], r1["state"][k])]
     assert not different, f"ranks disagree after training: {different[:5]}"
     # rank 0 alone wrote checkpoints, the exported F and TensorBoard events in output_dir
-    assert (out / "checkpoints" / "checkpoint_final.pt").is_file() and (out / "model.pt").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_latest.pt"] and (out / "model.pt").is_file()
     assert len(list(out.glob("events.out.tfevents*"))) == 1
 
 
@@ -90,23 +90,24 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_both(tmp_path):
     """NaN pixels reach rank 1's tiles at iteration 2: both ranks stop at iteration 2 (rank 1
     names its loss, rank 0 says another rank's was not finite; without the all-reduced check
     rank 0 failed in the gradient all-reduce with Gloo's "Connection closed by peer"); rank 0's
-    checkpoint_final.pt holds the finite state after iteration 1. Rank 0's final save is slowed by
-    4 s: rank 1 must wait for it (custom.training.handlers.NonFiniteStopBarrier), or torchrun stops rank 0
-    when rank 1 exits, before the checkpoint is written."""
+    checkpoint_latest.pt (checkpoint_interval 1) holds the finite state after iteration 1. Rank 0's
+    exception callback (the saver's "resume from" message) is slowed by 4 s: rank 1 must wait for it
+    (custom.training.handlers.NonFiniteStopBarrier), or torchrun stops rank 0 when rank 1 exits."""
     nan_on_rank1 = {"training": [
         "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once=2), "
         "lambda e: e.state.batch['image'][0, :, :4, :4].fill_(float('nan')) if @rank == 1 else None)",
-        "$@train#checkpoint_saver._final_checkpoint.__setattr__('save_handler', (lambda h: lambda c, f: (os.system('sleep 4'), h(c, f)))"
-        "(@train#checkpoint_saver._final_checkpoint.save_handler)) if @rank == 0 else None",
+        "$@train#checkpoint_saver.logger.__setattr__('warning', (lambda w: lambda m: (os.system('sleep 4'), w(m)))"
+        "(@train#checkpoint_saver.logger.warning)) if @rank == 0 else None",
         "$@train#trainer.run()",
     ]}
-    proc, out = _torchrun_training(tmp_path, nan_on_rank1, iterations=3)
+    proc, out = _torchrun_training(tmp_path, nan_on_rank1, 3, "--checkpoint_interval", "1")
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "non-finite training loss at iteration 2:" in text, text[-3000:]
     assert "non-finite training loss at iteration 2 on another rank" in text, text[-3000:]
-    final = torch.load(out / "checkpoints" / "checkpoint_final.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == 2
+    assert f"holds iteration 1: go on from there with --resume_from {out / 'checkpoints' / 'checkpoint_latest.pt'}" in text, text[-3000:]
+    final = torch.load(out / "checkpoints" / "checkpoint_latest.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in final["network"].values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
@@ -136,13 +137,14 @@ def test_torchrun_two_ranks_shard_slides_each_output_once(tmp_path):
 def test_multi_gpu_overrides_name_existing_items():
     """multi_gpu_train.json overrides items of train.json by id; each must still exist there
     (an override of a missing id would silently add a new key), and handler 1 must be the
-    epoch seeding that gets the rank."""
+    epoch seeding that gets the rank (and that the checkpoint saves)."""
     from monai.bundle import ConfigParser
 
     train = ConfigParser()
     train.read_config(str(REPO / "bundle" / "configs" / "train.json"))
     multi = json.loads((REPO / "bundle" / "configs" / "multi_gpu_train.json").read_text())
     assert train["train#handlers#1#_target_"] == "custom.training.handlers.EpochSeedHandler"
+    assert train["train#checkpoint_saver#save_dict#epoch_seed"] == train["train#checkpoint_loader#load_dict#epoch_seed"] == "@train#handlers#1"
     for key in multi:
         parent = key.rpartition("#")[0]
         if parent and key not in ("train#handlers#1#rank", "train#sampler#rank", "train#sampler#world_size"):

@@ -58,7 +58,7 @@ def tiny_model(path: Path, stain_target=STAIN_TARGET, postprocess: dict | None =
 def test_baseline_evaluation_writes_reports_and_overlays(tmp_path, dataset):
     proc = run_evaluation(tmp_path / "bundle", dataset, baseline="hematoxylin_otsu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "bundle" / "eval" / "hematoxylin_otsu"
+    out = tmp_path / "bundle" / "runs" / "eval" / "hematoxylin_otsu"
     for name in ("per_image.csv", "summary.json", "summary.csv"):
         assert (out / name).is_file(), name
     val_ids = json.loads((dataset / "splits.json").read_text())["val"]
@@ -85,7 +85,7 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     proc = run_evaluation(tmp_path / "bundle", dataset, "--checkpoint", str(model), "--width", "4", "--tta", "False",
                           "--inference_roi", "64", "--error_analysis", "true", *FAST)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "bundle" / "eval" / "model"
+    out = tmp_path / "bundle" / "runs" / "eval" / "model"
     summary = json.loads((out / "summary.json").read_text())
     errors = json.loads((out / "errors_summary.json").read_text())  # --error_analysis true: with the same post-processing
     assert errors["n_images"] == 2 and errors["aji"] == pytest.approx(summary["aji"]) and errors["n_pred"] == summary["n_pred"]
@@ -95,7 +95,7 @@ def test_model_evaluation_tiled_with_tuned_postprocessing(tmp_path, dataset):
     assert summary["settings"]["weights"] == str(model) and summary["settings"]["tta"] is False
     assert summary["settings"]["postprocess"] == {**tuned, "morphology_radii": [2, 1], "otsu_range": [0.4, 0.6],
                                                   "attention_sigma": 0.0}  # the values stored in the model (defaults for the rest)
-    assert summary["settings"]["sharpness"] is None  # the network's own slope
+    assert summary["settings"]["r"] is None  # the network's own slope
     assert len(list((out / "overlays").glob("*.png"))) == 2
 
 
@@ -113,43 +113,65 @@ def test_evaluation_normalises_with_the_models_own_stain_settings(tmp_path, stor
     assert (normalise.brightness_percentile, normalise.max_std_ratio) == expected
 
 
-def test_stored_sharpness_and_otsu_threshold_reach_evaluation_and_inference(tmp_path):
-    tuned = {"threshold": "otsu", "otsu_range": [0.3, 0.7], "sharpness": 1.0}
+def test_stored_r_and_otsu_threshold_reach_evaluation_and_inference(tmp_path):
+    tuned = {"threshold": "otsu", "otsu_range": [0.3, 0.7], "r": 1.0}
     model = tiny_model(tmp_path / "m.pt", postprocess=tuned)
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
     parser.update({"checkpoint": str(model), "width": 4})
-    assert parser.get_parsed_content("eval#inferer").sharpness == 1.0
+    assert parser.get_parsed_content("eval#inferer").r == 1.0
     post = parser.get_parsed_content("eval#postprocessing").transforms[0].transform.kwargs
     assert post["threshold"] == "otsu" and post["otsu_range"] == (0.3, 0.7)
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser.update({"model_path": str(model), "width": 4})
-    assert parser.get_parsed_content("inferer").sharpness == 1.0
+    assert parser.get_parsed_content("inferer").r == 1.0
     assert parser.get_parsed_content("postprocess_params")["threshold"] == "otsu"
-    parser["sharpness"] = 4.0  # a user's override wins
-    assert parser.get_parsed_content("inferer").sharpness == 4.0
+    parser["inferer#r"] = 4.0  # a user's override wins
+    assert parser.get_parsed_content("inferer").r == 4.0
 
 
-def test_tune_postprocess_stores_sharpness_and_may_pick_otsu(tmp_path, dataset):
+def test_postprocess_key_overrides_single_stored_values_in_evaluation_and_inference(tmp_path):
+    """One source: PostprocessParams' defaults, then the model's stored set, then the ``postprocess`` key."""
+    from custom.inference.postprocess import PostprocessParams
+
+    model = tiny_model(tmp_path / "m.pt", postprocess={"threshold": "otsu", "min_size": 120, "r": 1.0, "tuned_on": {"split": "val"}})
+    for files, key, update in (([CONFIGS / "train.json", CONFIGS / "evaluate.json"], "eval#postprocess_params", {"checkpoint": str(model)}),
+                               ([CONFIGS / "inference.json"], "postprocess_params", {"model_path": str(model)})):
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser.update({**update, "width": 4, "postprocess": {"min_size": 40}})
+        params = parser.get_parsed_content(key)
+        assert params == {**PostprocessParams().as_dict(), "threshold": "otsu", "min_size": 40}  # defaults < stored < override
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser.update({**update, "width": 4, "postprocess": {"min_sise": 40}})
+        with pytest.raises(RuntimeError) as info:
+            parser.get_parsed_content(key)
+        assert "unknown post-processing parameter 'min_sise'; did you mean 'min_size'?" in str(info.value.__cause__)
+
+
+def test_tune_postprocess_stores_r_and_may_pick_otsu(tmp_path, dataset):
     model = tiny_model(tmp_path / "m.pt")
     out, config = tmp_path / "tuned.json", tmp_path / "tiny.json"
     config.write_text(json.dumps({"width": 4, "amp_dtype": None, "channels_last": False, "num_workers": 0}))
-    proc = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "1", "--tta", "False",
+    proc = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--r", "1", "--tta", "False",
                       "--rounds", "1", "--workers", "1", "--out_config", str(out), "--write_model", "--config", str(config))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "otsu=" in proc.stdout  # the per-image threshold is one of the candidates
     assert "round 1 morphology_radii: [2, 1]=" in proc.stdout and ", []=" in proc.stdout  # the paper's radii, down to none
     override = json.loads(out.read_text())
-    assert override["eval#sharpness"] == 1.0 and override["eval#postprocess_params#otsu_range"] == [0.4, 0.6]
+    assert override["eval#inferer#r"] == 1.0 and override["postprocess"]["otsu_range"] == [0.4, 0.6]
     from custom.model.checkpoint import load_attention_weights
     stored = load_attention_weights(AttentionNet(width=4, stain_prior="logit", stain_prior_gain=2.0), str(model)).postprocess
-    assert stored["sharpness"] == 1.0 and stored["threshold"] == override["eval#postprocess_params#threshold"]
-    bad = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "0", "--out_config", str(out))
-    assert bad.returncode != 0 and "--sharpness 0" in bad.stdout + bad.stderr
+    assert stored["r"] == 1.0 and stored["threshold"] == override["postprocess"]["threshold"]
+    nameless = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--write_model", "--out_config", str(tmp_path / "n.json"))
+    assert nameless.returncode != 0 and "name the model file" in nameless.stdout + nameless.stderr  # the shipped model only by name
+    bad = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--r", "0", "--out_config", str(out))
+    assert bad.returncode != 0 and "--r 0" in bad.stdout + bad.stderr
     # --start stored: the second search starts where the first ended (its AJI), and never ends lower
     first = float(re.search(r"AJI [0-9.]+ -> ([0-9.]+)", proc.stdout).group(1))
-    again = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--sharpness", "1", "--tta", "False",
+    again = run_script("tune_postprocess.py", "--dataset_dir", str(dataset), "--checkpoint", str(model), "--r", "1", "--tta", "False",
                        "--rounds", "1", "--workers", "1", "--out_config", str(out), "--config", str(config), "--start", "stored")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "start (the stored values" in again.stdout and f"): AJI {first:.4f}" in again.stdout
@@ -258,12 +280,13 @@ def test_table_formats_missing_values(tmp_path):
 
 
 def test_the_documents_tables_are_the_generated_ones(tmp_path):
-    """README.md and the model card carry the table results_table.py makes from the
-    committed bundle/eval summaries, not typed numbers; --into refills the block."""
+    """README.md, the model card and the pages of docs/ carry the tables results_table.py makes from the
+    committed results/ summaries, not typed numbers; --into refills the block."""
     spec = importlib.util.spec_from_file_location("results_table", REPO / "scripts" / "results_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    summaries = module.load_summaries(sorted((REPO / "bundle" / "eval").glob("*/summary.json")))
+    results = REPO / "results"
+    summaries = module.load_summaries(sorted(results.glob("*/summary.json")))
     summaries.sort(key=lambda s: -module._aji_key(s))
     expected = module.table(summaries)
 
@@ -276,23 +299,25 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
         assert block(text, "results") == expected, f"{doc}: run python scripts/results_table.py --into {doc.relative_to(REPO)}"
     page = tmp_path / "page.md"
     page.write_text(f"intro\n{module.START}\nold\n{module.END}\nrest\n")
-    proc = run_script("results_table.py", *(str(p) for p in sorted((REPO / "bundle" / "eval").glob("*/summary.json"))), "--into", str(page))
+    proc = run_script("results_table.py", *(str(p) for p in sorted(results.glob("*/summary.json"))), "--into", str(page))
     assert proc.returncode == 0 and page.read_text() == f"intro\n{module.START}\n{expected}\n{module.END}\nrest\n"
     page.write_text("no markers")
     proc = run_script("results_table.py", "--into", str(page))
     assert proc.returncode != 0 and "no '<!-- results table: generated -->'" in proc.stderr
-    # every other named block (an archived recipe, a budget study) holds the rows of bundle/eval/<block>/, a block
-    # <root>_seeds the seed table of bundle/eval/<root>/replicas, a block errors / <root>_errors the error analysis;
-    # the plain-Reinhard recipe's seed table is in the seed block
-    for doc in (REPO / "README.md", REPO / "bundle" / "docs" / "README.md"):
+    # every other named block (an archived recipe, a budget study) holds the rows of results/<block>/, a block
+    # <root>_seeds the seed table of results/<root>/replicas, a block errors / <root>_errors the error analysis
+    docs = [REPO / "README.md", REPO / "bundle" / "docs" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    found_names = set()
+    for doc in docs:
         text = doc.read_text()
         names = re.findall(r"<!-- ([A-Za-z0-9_ -]+) table: generated -->", text)
-        assert "plain_reinhard_recipe" in names, f"{doc}: the archived plain-Reinhard recipe's block is missing"
+        found_names.update(names)
         for name in names:
-            if name in ("results", "seed"):
+            if name == "results":
+                assert block(text, name) == expected, f"{doc}: run scripts/refresh_tables.sh"
                 continue
-            if name == "errors" or name.endswith("_errors"):  # the error analysis of bundle/eval or of bundle/eval/<root>
-                archive = REPO / "bundle" / "eval" / ("" if name == "errors" else name[: -len("_errors")])
+            if name == "errors" or name.endswith("_errors"):  # the error analysis of results/ or of results/<root>
+                archive = results / ("" if name == "errors" else name[: -len("_errors")])
                 found = module.load_errors(archive)
                 assert found, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/*/errors_summary.json"
                 assert block(text, name) == module.error_table(found), (
@@ -300,24 +325,25 @@ def test_the_documents_tables_are_the_generated_ones(tmp_path):
                     f"--block {name} --into {doc.relative_to(REPO)}")
                 continue
             if name.endswith("_seeds"):
-                archive = REPO / "bundle" / "eval" / name[: -len("_seeds")]
+                archive = results / name[: -len("_seeds")]
                 groups = module.seed_groups(archive)
                 assert groups, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/replicas/*/summary.json"
                 assert block(text, name) == module.seed_table(groups), (
                     f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
                     f"--block {name} --into {doc.relative_to(REPO)}")
                 continue
-            archive = REPO / "bundle" / "eval" / name
+            archive = results / name
             old = module.load_summaries(sorted(archive.glob("*/summary.json")))
             assert old, f"{doc}: block {name!r} but no {archive.relative_to(REPO)}/*/summary.json"
             old.sort(key=lambda s: -module._aji_key(s))
             assert block(text, name) == module.table(old, paper=False), (
                 f"{doc}: run python scripts/results_table.py --eval_root {archive.relative_to(REPO)} --paper false "
                 f"--block {name} --into {doc.relative_to(REPO)}")
-        archive = REPO / "bundle" / "eval" / "plain_reinhard_recipe"
-        seeds = module.seed_table(module.seed_groups(archive))
-        assert block(text, "seed") == seeds, (f"{doc}: run python scripts/results_table.py --seeds --eval_root {archive.relative_to(REPO)} "
-                                f"--into {doc.relative_to(REPO)}")
+    # every committed summary folder is read by some table: results/ holds nothing else
+    for folder in sorted(p for p in results.iterdir() if p.is_dir()):
+        read = folder.name in found_names or (folder / "summary.json").is_file() or any(
+            n.startswith(folder.name) for n in found_names)
+        assert read, f"results/{folder.name}: no generated table reads it"
 
 
 def test_results_table_errors_block(tmp_path):
@@ -405,29 +431,29 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     assert set(evaluated) == {"model", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned",
                               "hematoxylin_local", "hematoxylin_local_tuned", "minus_smooth", "train_s1", "minus_smooth_s2"}
     assert "ablations/minus_smooth.json" in evaluated["minus_smooth"]
-    assert evaluated["minus_smooth"].count("--eval_dir") == 1 and "--eval_dir bundle/eval/minus_smooth " in evaluated["minus_smooth"]
-    assert "--eval_dir bundle/eval/model_paper_postprocess " in evaluated["model_paper_postprocess"]
+    assert evaluated["minus_smooth"].count("--eval_dir") == 1 and "--eval_dir bundle/runs/eval/minus_smooth " in evaluated["minus_smooth"]
+    assert "--eval_dir bundle/runs/eval/model_paper_postprocess " in evaluated["model_paper_postprocess"]
     assert "ablations/minus_smooth.json" in evaluated["minus_smooth_s2"]
     assert evaluated["minus_smooth_s2"].count("--eval_dir") == 1
-    assert "--eval_dir bundle/eval/replicas/minus_smooth_s2" in evaluated["minus_smooth_s2"]
-    assert "ablations" not in evaluated["train_s1"] and "--eval_dir bundle/eval/replicas/train_s1" in evaluated["train_s1"]
+    assert "--eval_dir bundle/runs/eval/replicas/minus_smooth_s2" in evaluated["minus_smooth_s2"]
+    assert "ablations" not in evaluated["train_s1"] and "--eval_dir bundle/runs/eval/replicas/train_s1" in evaluated["train_s1"]
     tuned = [line for line in proc.stdout.splitlines() if "tune_postprocess.py" in line and "--checkpoint" in line]
-    assert len(tuned) == 3 and all("--write_model" in line and line.endswith("--sharpness 1") for line in tuned)
+    assert len(tuned) == 3 and all("--write_model" in line and line.endswith("--r 1") for line in tuned)
     own_slope = subprocess.run(["bash", "scripts/evaluate_all.sh", "DATA", str(runs), "minus_smooth"], check=False, cwd=REPO,
-                               env={**ENV, "PYTHON": "echo", "SHARPNESS": ""}, capture_output=True, text=True, timeout=60)
-    assert own_slope.returncode == 0 and "tune_postprocess.py" in own_slope.stdout and "--sharpness" not in own_slope.stdout
+                               env={**ENV, "PYTHON": "echo", "R": ""}, capture_output=True, text=True, timeout=60)
+    assert own_slope.returncode == 0 and "tune_postprocess.py" in own_slope.stdout and "--r " not in own_slope.stdout
 
     only = _evaluate_all(runs, "train_s1")
     assert only.returncode == 0, only.stderr
     assert [line.split("--method ")[1].split()[0] for line in only.stdout.splitlines() if "run evaluating" in line] == ["train_s1"]
     archived = subprocess.run(["bash", "scripts/evaluate_all.sh", "DATA", str(runs), "minus_smooth", "minus_smooth_s2"], check=False,
-                              cwd=REPO, env={**ENV, "PYTHON": "echo", "EVAL_ROOT": "bundle/eval/old"}, capture_output=True,
+                              cwd=REPO, env={**ENV, "PYTHON": "echo", "EVAL_ROOT": "results/old"}, capture_output=True,
                               text=True, timeout=60)
     assert archived.returncode == 0, archived.stderr
     lines = archived.stdout.splitlines()
     assert [line.split("--eval_dir ")[1].split()[0] for line in lines if "run evaluating" in line] == [
-        "bundle/eval/old/minus_smooth", "bundle/eval/old/replicas/minus_smooth_s2"]
-    assert lines[-1] == "scripts/results_table.py --eval_root bundle/eval/old"  # no replicas there: no seed table
+        "results/old/minus_smooth", "results/old/replicas/minus_smooth_s2"]
+    assert lines[-1] == "scripts/results_table.py --eval_root results/old"  # no replicas there: no seed table
     missing = _evaluate_all(runs, "notes")
     assert missing.returncode != 0 and "notes/model.pt: not found" in missing.stderr
 
@@ -452,7 +478,7 @@ def test_evaluate_heldout_scores_the_training_split_without_retuning(tmp_path):
 
 
 def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postprocessing(tmp_path):
-    """scripts/ablation_study.sh with PYTHON=echo: the control and each ablation train one epoch of the given
+    """scripts/research/ablation_study.sh with PYTHON=echo: the control and each ablation train one epoch of the given
     iterations into their own folder; every row, and the reference model, is evaluated twice with the same
     post-processing (the paper's, and the reference model's tuned values); bad arguments are refused."""
     reference = tmp_path / "ref.pt"
@@ -460,7 +486,7 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
     env = {**ENV, "PYTHON": "echo", "RUNS_ROOT": str(tmp_path / "runs")}
 
     def study(*args, **extra):
-        return subprocess.run(["bash", "scripts/ablation_study.sh", "DATA", *args], check=False, cwd=REPO,
+        return subprocess.run(["bash", "scripts/research/ablation_study.sh", "DATA", *args], check=False, cwd=REPO,
                               env={**env, **extra}, capture_output=True, text=True, timeout=60)
 
     proc = study("7", str(reference))
@@ -479,7 +505,7 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
     override = f"{tmp_path}/runs/budget7_reference_postprocess.json"
     assert all(override in line and "budget7_reference_postprocess/" in line and "eval#tuned" not in line for line in fixed)
     assert f"--checkpoint {reference} " in evaluated[-1]
-    assert lines[-2:] == [f"scripts/results_table.py --eval_root bundle/eval/budget7_{p}_postprocess --paper false"
+    assert lines[-2:] == [f"scripts/results_table.py --eval_root bundle/runs/eval/budget7_{p}_postprocess --paper false"
                           for p in ("paper", "reference")]
     some = study("3", str(reference), VARIANTS="control minus_sparse", REFERENCE_NAME="old", TTA="true")
     assert some.returncode == 0, some.stderr
@@ -492,7 +518,7 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
         f"{tmp_path}/runs/b3_control_s1", f"{tmp_path}/runs/b3_minus_smooth_s1"]
     assert all("--seed 1 " in line for line in lines if "run training" in line)
     assert [line.split("--eval_dir ")[1].split()[0] for line in lines if "run evaluating" in line] == [
-        f"bundle/eval/budget3_{p}_postprocess/replicas/{n}_s1" for n in ("control", "minus_smooth") for p in ("paper", "reference")]
+        f"bundle/runs/eval/budget3_{p}_postprocess/replicas/{n}_s1" for n in ("control", "minus_smooth") for p in ("paper", "reference")]
     assert "--method reference " not in replica.stdout  # the reference is a row of seed 0 already
     for args, extra, message in [(("0",), {}, "ITERATIONS=0"), (("5", str(reference)), {"SEED": "one"}, "SEED=one"), (("5", str(tmp_path / "none.pt")), {}, "none.pt: not found"),
                                  (("5", str(reference)), {"VARIANTS": "minus_foo"}, "minus_foo is neither control")]:
@@ -509,27 +535,30 @@ def test_ablation_study_trains_each_variant_at_one_budget_and_fixes_the_postproc
 
 
 def test_refresh_tables_refills_every_generated_block(tmp_path):
-    """scripts/refresh_tables.sh, run on copies of the two documents whose every generated block has
-    been blanked, gives back the committed documents: one command regenerates all their tables."""
-    for rel in ("README.md", "bundle/docs/README.md", "scripts/results_table.py", "scripts/refresh_tables.sh"):
+    """scripts/refresh_tables.sh, run on copies of the documents (README.md, the model card, docs/*.md)
+    whose every generated block has been blanked, gives back the committed documents: one command
+    regenerates all their tables from results/."""
+    docs = ["README.md", "bundle/docs/README.md", *(str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md")))]
+    for rel in (*docs, "scripts/results_table.py", "scripts/refresh_tables.sh"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes((REPO / rel).read_bytes())
-    (tmp_path / "bundle" / "eval").symlink_to(REPO / "bundle" / "eval")
+    (tmp_path / "results").symlink_to(REPO / "results")
     (tmp_path / "custom").symlink_to(REPO / "custom")
     blanked = 0
-    for rel in ("README.md", "bundle/docs/README.md"):
+    for rel in docs:
         doc = tmp_path / rel
         text, n = re.subn(r"(<!-- (\S+) table: generated -->\n).*?(\n<!-- end of \2 table -->)", r"\1stale\3",
                           doc.read_text(), flags=re.S)
-        assert n >= 6 and "| 0." not in text.split("<!-- results table: generated -->")[1].split("<!-- end of")[0]
+        if rel in ("README.md", "bundle/docs/README.md"):
+            assert n >= 1 and "| 0." not in text.split("<!-- results table: generated -->")[1].split("<!-- end of")[0]
         doc.write_text(text)
         blanked += n
     proc = subprocess.run(["bash", "scripts/refresh_tables.sh"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
-    for rel in ("README.md", "bundle/docs/README.md"):
+    for rel in docs:
         assert (tmp_path / rel).read_text() == (REPO / rel).read_text(), f"{rel}: a block refresh_tables.sh does not refill"
-    assert blanked >= 17
+    assert blanked >= 12
     proc = run_script("results_table.py", "--refresh_all")
     assert proc.returncode != 0 and "--refresh_all: name the Markdown file to refill with --into." in proc.stderr
     (tmp_path / "plain.md").write_text("no generated blocks here\n")

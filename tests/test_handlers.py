@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -241,7 +243,7 @@ def test_batch_sampler_through_a_data_loader_draws_epoch_e_order_in_epoch_e():
     assert full == expected
     # resumed from the epoch-2 checkpoint (iteration 4): epoch 3 as in the full run
     assert _sampler_run(BalancedMagnificationBatchSampler(4, 3, 6, 2, seed=1), state={"iteration": 4, "epoch_length": 2, "max_epochs": 3}) == full[4:]
-    # resumed in the middle of epoch 2 (a checkpoint written at an exception, iteration 3): the rest of epoch 2, then epoch 3
+    # resumed in the middle of epoch 2 (a checkpoint written after iteration 3): the rest of epoch 2, then epoch 3
     assert _sampler_run(BalancedMagnificationBatchSampler(4, 3, 6, 2, seed=1), state={"iteration": 3, "epoch_length": 2, "max_epochs": 3}) == full[3:]
 
 
@@ -271,6 +273,98 @@ def test_epoch_seed_handler_makes_each_epoch_a_function_of_seed_and_epoch(num_wo
     assert len(full) == 6 and full[0][1:] != full[2][1:] != full[4][1:]  # epochs differ from each other
     assert run(state={"iteration": 4, "epoch_length": 2, "max_epochs": 3}) == full[4:]
     assert run(seed=None)[4:] != full[4:]  # without the handler the epochs depend on the start
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_in_the_middle_of_an_epoch_draws_what_the_full_run_drew(num_workers):
+    """A checkpoint after iteration 4 (the middle of epoch 2 of 3 iterations): the resumed run's
+    iterations 5.. get the same batches, the same random crops (the data loader's transforms, in this
+    process or a worker, replayed by BatchSamplerEpochHandler) and the same global draws (torch,
+    NumPy, Python: restored by EpochSeedHandler) as the uninterrupted run."""
+    import random
+
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandSpatialCropd
+
+    from custom.training.handlers import EpochSeedHandler
+
+    def run(resume: dict | None = None, stop_after: int | None = None):
+        torch.manual_seed(123 if resume is None else 456)  # a different start: only the handlers make the runs agree
+        data = Dataset([{"image": np.arange(256.0).reshape(1, 16, 16) + 1000 * i} for i in range(12)],
+                       transform=RandSpatialCropd(keys="image", roi_size=(4, 4), random_size=False))
+        sampler = BalancedMagnificationBatchSampler(4, 3, 6, 3, seed=1)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=num_workers)
+        drawn, saved = [], {}
+        engine = Engine(lambda e, b: drawn.append((e.state.iteration, b["image"][:, 0, 0, 0].tolist(), torch.rand(1).item(),
+                                                   np.random.rand(), random.random())))
+        BatchSamplerEpochHandler(sampler).attach(engine)
+        seeding = EpochSeedHandler(7, data)
+        seeding.attach(engine)
+        if stop_after:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_after),
+                                     lambda e: saved.update(trainer=e.state_dict(), seeding=seeding.state_dict()))
+        if resume is not None:
+            engine.load_state_dict(resume["trainer"])
+            seeding.load_state_dict(resume["seeding"])
+        engine.run(loader, max_epochs=3)
+        return drawn, saved
+
+    full, saved = run(stop_after=4)
+    assert len(full) == 9 and saved["trainer"]["iteration"] == 4
+    resumed, _ = run(resume=saved)
+    assert resumed == full[4:]
+    # without the random state (an older checkpoint): the same batches and crops, other global draws
+    older, _ = run(resume={"trainer": saved["trainer"], "seeding": {"rng": None}})
+    assert [d[:2] for d in older] == [d[:2] for d in full[4:]] and older[0][2:] != full[4][2:]
+
+
+def test_latest_checkpoint_saver_interval_epochs_and_exceptions(tmp_path, caplog):
+    """Every 2 iterations within an epoch of 3 and after each epoch's EPOCH_COMPLETED handlers (the
+    validation), one file overwritten; nothing written when the run stops on an exception, whose log
+    names the iteration to resume from."""
+    import logging
+
+    from custom.training.handlers import LatestCheckpointSaver, attach_checkpoint_saver
+
+    net = torch.nn.Linear(1, 1)
+    saves = []
+
+    def step(engine, batch):
+        with torch.no_grad():
+            net.weight.fill_(float(engine.state.iteration))
+        if engine.state.iteration == 8:
+            raise KeyboardInterrupt
+
+    engine = Engine(step)
+    validated = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: validated.append(e.state.iteration))
+    saver = LatestCheckpointSaver(str(tmp_path / "ckpt"), {"network": net, "trainer": engine}, interval=2)
+    original = saver.save
+    saver.save = lambda e: (saves.append((e.state.iteration, list(validated))), original(e))
+    attach_checkpoint_saver(saver, engine)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        engine.run(range(3), max_epochs=3)
+    # iteration 2 (interval), 3 (epoch end, after its validation), 4, 6 (epoch end; not at iteration 6's ITERATION_COMPLETED)
+    assert [i for i, _ in saves] == [2, 3, 4, 6] and saves[1][1] == [3] and saves[3][1] == [3, 6]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint_latest.pt"]
+    latest = torch.load(tmp_path / "ckpt" / "checkpoint_latest.pt", weights_only=True)
+    assert latest["trainer"]["iteration"] == 6 and latest["network"]["weight"].item() == 6.0  # not the interrupted iteration 8
+    assert f"holds iteration 6: go on from there with --resume_from {tmp_path / 'ckpt' / 'checkpoint_latest.pt'}" in caplog.text
+    with pytest.raises(ValueError, match="checkpoint_interval must be >= 0"):
+        LatestCheckpointSaver(str(tmp_path), {}, interval=-1)
+
+
+def test_progress_bar_shows_the_loss_and_closes_before_the_epoch_ends(capsys):
+    from custom.training.handlers import ProgressBar
+
+    order = []
+    engine = Engine(lambda e, b: {"loss": 0.25})
+    ProgressBar("training", lambda x: {"loss": x["loss"]}).attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: order.append(sys.modules["tqdm"].tqdm._instances.__len__()))
+    engine.run(range(4), max_epochs=2)
+    assert order == [0, 0]  # no bar open when the epoch's handlers (validation, metric logs) run
+    err = capsys.readouterr().err
+    assert "training" in err and "loss=0.25" in err and "4/4" in err
 
 
 def _selection(save_dir, weight: float):

@@ -123,9 +123,9 @@ def test_amp_and_channels_last_close_to_fp32():
         ({"roi_size": (32, 32, 32)}, "roi_size must be an int"),
         ({"margin": -1}, "margin must be an integer >= 0"),
         ({"amp_dtype": "int8"}, "amp_dtype"),
-        ({"sharpness": 0}, "sharpness"),
-        ({"sharpness": float("inf")}, "sharpness"),
-        ({"sharpness": "1"}, "sharpness"),
+        ({"r": 0}, r"r \(sigmoid slope\)"),
+        ({"r": float("inf")}, r"r \(sigmoid slope\)"),
+        ({"r": "1"}, r"r \(sigmoid slope\)"),
     ],
 )
 def test_invalid_parameters(kwargs, match):
@@ -133,16 +133,16 @@ def test_invalid_parameters(kwargs, match):
         TiledAttentionInferer(**kwargs)
 
 
-def test_sharpness_softens_the_map_and_keeps_its_ordering():
+def test_r_softens_the_map_and_keeps_its_ordering():
     net, x = _net(), _image(1, 3, 40, 36)
     sharp = TiledAttentionInferer(tta=False)(x, net)
-    soft = TiledAttentionInferer(tta=False, sharpness=1.0)(x, net)
+    soft = TiledAttentionInferer(tta=False, r=1.0)(x, net)
     with torch.no_grad():
         expected = torch.sigmoid(net.logits(x) - net.activation.running_tau)
     assert torch.allclose(soft, expected, atol=1e-5)
     assert torch.equal(soft > 0.5, sharp > 0.5)
     r = net.activation.r  # the network's own slope is the default
-    assert torch.allclose(TiledAttentionInferer(tta=False, sharpness=r)(x, net), sharp)
+    assert torch.allclose(TiledAttentionInferer(tta=False, r=r)(x, net), sharp)
 
 
 def test_invalid_inputs():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ BUNDLE = REPO / "bundle"
 CONFIG = BUNDLE / "configs" / "inference.json"
 METADATA = BUNDLE / "configs" / "metadata.json"
 MODEL = BUNDLE / "models" / "model.pt"
-VAL_IMAGE = "TCGA-A7-A13E-01Z-00-DX1"  # a validation image of the committed evaluation (bundle/eval/model/per_image.csv)
+VAL_IMAGE = "TCGA-A7-A13E-01Z-00-DX1"  # a validation image of the committed evaluation (results/model/per_image.csv)
 
 
 def _bundle_config(**overrides):
@@ -134,7 +133,7 @@ def test_monailabel_steps_on_monuseg_match_the_evaluation():
     """One MONAI Label inference on a real MoNuSeg validation image through the bundle's
     keys (image given as a file path, 40x stated in the request) gives the instances the
     bundle's own evaluation scored: the same number of nuclei and the same AJI against the
-    ground truth as ``bundle/eval/model/per_image.csv``, within bfloat16 rounding."""
+    ground truth as ``results/model/per_image.csv``, within bfloat16 rounding."""
     from custom.data.prepared import load_label
     from custom.evaluation.metrics import aji
     from custom.model.checkpoint import load_attention_weights
@@ -160,7 +159,7 @@ def test_monailabel_steps_on_monuseg_match_the_evaluation():
     n = len(ids) - 1
     assert ids[0] == 0 and np.array_equal(ids, np.arange(n + 1))
     score = aji(load_label(label), pred.numpy()[0])
-    rows = {r["id"]: r for r in csv.DictReader((BUNDLE / "eval" / "model" / "per_image.csv").open())}
+    rows = {r["id"]: r for r in csv.DictReader((REPO / "results" / "model" / "per_image.csv").open())}
     assert VAL_IMAGE in rows, "the committed evaluation no longer lists this image"
     ref_n, ref_aji = float(rows[VAL_IMAGE]["n_pred"]), float(rows[VAL_IMAGE]["aji"])
     assert abs(n - ref_n) <= 0.02 * ref_n, f"{n} nuclei, the evaluation found {ref_n:g}"
@@ -174,7 +173,6 @@ def test_slide_tiles_give_whole_nuclei_once():
     seam is returned by both tiles."""
     from shapely.geometry import Polygon
 
-    sys.path.insert(0, str(REPO))
     from monailabel_app.lib.transforms import NucleiToPolygonsd
 
     slide = str(require_slide(CMU_SLIDE))
@@ -226,7 +224,6 @@ def test_bundle_infer_task_real():
     expected = _infer(parser, _network(parser), {**request, "image_path": image})["pred"]
     assert torch.equal(torch.as_tensor(data["pred"]), expected)
 
-    sys.path.insert(0, str(REPO))
     from monailabel_app.lib.infers import NucleiBundleInferTask
 
     app_task = NucleiBundleInferTask(str(BUNDLE), {})

@@ -15,8 +15,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 MONUSEG = REPO.parent / "shared" / "data" / "monuseg"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from custom.data import monuseg
 from custom.data.monuseg import MONUSEG_ARCHIVES, convert_monuseg, ensure_monuseg, has_prepared_data, xml_to_instance_map

@@ -322,7 +322,7 @@ def test_stored_postprocess_reads_the_tuned_values_or_says_how_to_tune(tmp_path)
     untuned = save_attention_network(f, tmp_path / "untuned.pt")
     with pytest.raises(ValueError, match=r"untuned\.pt: stores no tuned post-processing; run scripts/tune_postprocess\.py"):
         stored_postprocess(untuned)
-    f.postprocess = {"threshold": "otsu", "sigma": 2.0, "sharpness": 1.0, "tuned_on": {"split": "val", "n_images": 11}}
+    f.postprocess = {"threshold": "otsu", "sigma": 2.0, "r": 1.0, "tuned_on": {"split": "val", "n_images": 11}}
     tuned = save_attention_network(f, tmp_path / "tuned.pt")
     assert stored_postprocess(tuned) == f.postprocess
     model = ScaleAttentionModel(f, scale_classifier(), channels_last=False)  # a training checkpoint carries it too

@@ -5,9 +5,14 @@ G a narrow ResNet (the ResNet-34 of the bundle makes 255 MB checkpoints and slow
 tested here, the state around the networks, does not depend on G's size), 48-pixel crops,
 batches of 6, 2 iterations per epoch, a 2-image validation set.
 
-- an uninterrupted run and a run killed (SIGKILL, at a fixed iteration) then resumed from its last
-  epoch checkpoint end with identical weights, buffers (running tau), optimiser and scheduler
+- the run keeps one resumable checkpoint, ``runs/train/checkpoints/checkpoint_latest.pt``, written every
+  ``checkpoint_interval`` iterations and at the end of each epoch;
+- an uninterrupted run and a run killed (SIGKILL, at a fixed iteration) then resumed from that
+  checkpoint end with identical weights, buffers (running tau), optimiser and scheduler
   state, iteration and best validation metric;
+- Ctrl-C in the middle of an epoch (the default recipe is one epoch), then ``--resume_from`` that
+  checkpoint: the iterations after it have the uninterrupted run's losses, bit for bit, with a data
+  loader worker process;
 - two runs with the same seed have the same losses;
 - after a resume, a worse validation does not replace the exported best model;
 - a non-finite loss stops the run with an error naming the iteration, and leaves finite
@@ -41,7 +46,7 @@ SMALL_G = {
         "conv1_t_size": 7, "conv1_t_stride": 2,
     }
 }
-KILL_AT = 5  # iteration (epoch 3 of 3, after checkpoint_epoch=2.pt) at which a run is killed with SIGKILL
+KILL_AT = 5  # iteration (epoch 3 of 3, after the end-of-epoch-2 checkpoint) at which a run is killed with SIGKILL
 NAN_AT = 3  # iteration (first of epoch 2, after the first validation exported model.pt) whose tile gets NaN pixels
 
 
@@ -64,8 +69,16 @@ def _log(proc: subprocess.CompletedProcess) -> str:
     return (proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]).strip()
 
 
+def run_dir(root: Path) -> Path:
+    return root / "runs" / "train"
+
+
 def ckpt_dir(root: Path) -> Path:
-    return root / "runs" / "train" / "checkpoints"
+    return run_dir(root) / "checkpoints"
+
+
+def latest(root: Path) -> Path:
+    return ckpt_dir(root) / "checkpoint_latest.pt"
 
 
 def load(path: Path) -> dict:
@@ -107,8 +120,8 @@ def dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, dataset) -> dict:
-    """Three runs of 3 epochs (num_workers 0): ``full`` uninterrupted; ``killed``, SIGKILLed after
-    iteration ``KILL_AT``; the same folder resumed from its ``checkpoint_epoch=2.pt``."""
+    """Three runs of 3 epochs of 2 iterations (num_workers 0): ``full`` uninterrupted; ``killed``, SIGKILLed
+    after iteration ``KILL_AT``; the same folder resumed from its ``checkpoint_latest.pt`` (the end of epoch 2)."""
     tmp = tmp_path_factory.mktemp("interrupted")
     plain = _override(tmp, "plain")
     kill = _override(tmp, "kill", training=[
@@ -122,9 +135,8 @@ def interrupted(tmp_path_factory, dataset) -> dict:
     out["killed_proc"] = train(killed, dataset, kill, "--epochs", "3", "--num_workers", "0")
     out["killed_files"] = sorted(p.name for p in ckpt_dir(killed).glob("*.pt"))
     out["killed_losses"] = losses(killed)
-    out["killed_epoch2"] = load(ckpt_dir(killed) / "checkpoint_epoch=2.pt") if (ckpt_dir(killed) / "checkpoint_epoch=2.pt").is_file() else None
-    out["resumed_proc"] = train(killed, dataset, plain, "--epochs", "3", "--num_workers", "0",
-                                "--resume_from", str(ckpt_dir(killed) / "checkpoint_epoch=2.pt"))
+    out["killed_latest"] = load(latest(killed)) if latest(killed).is_file() else None
+    out["resumed_proc"] = train(killed, dataset, plain, "--epochs", "3", "--num_workers", "0", "--resume_from", str(latest(killed)))
     return out
 
 
@@ -132,44 +144,77 @@ def test_killed_run_resumes_to_the_uninterrupted_result(interrupted):
     full, killed = interrupted["full"], interrupted["killed"]
     assert interrupted["full_proc"].returncode == 0, _log(interrupted["full_proc"])
     assert interrupted["killed_proc"].returncode == -9, _log(interrupted["killed_proc"])  # SIGKILL: no handler ran
-    assert "checkpoint_final.pt" not in interrupted["killed_files"] and "checkpoint_epoch=2.pt" in interrupted["killed_files"]
+    assert interrupted["killed_files"] == ["checkpoint_latest.pt"]  # one resumable checkpoint, at the end of epoch 2
+    assert interrupted["killed_latest"]["trainer"]["iteration"] == 4
     assert interrupted["resumed_proc"].returncode == 0, _log(interrupted["resumed_proc"])
 
-    a, b = load(ckpt_dir(full) / "checkpoint_final.pt"), load(ckpt_dir(killed) / "checkpoint_final.pt")
+    a, b = load(latest(full)), load(latest(killed))
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 6
     assert "attention.activation.running_tau" in a["network"]
     assert a["network"]["attention.activation.running_tau"].item() != 0.0
-    assert_same(a, b, "checkpoint_final")  # network (weights, BN statistics, running tau), optimiser, scheduler, trainer, evaluators
-    # the exported best model and the best-metric checkpoint are the same too
-    assert_same(load(full / "models" / "model.pt"), load(killed / "models" / "model.pt"), "model.pt")
-    assert_same(load(ckpt_dir(full) / "best_val_attention_dice.pt"), load(ckpt_dir(killed) / "best_val_attention_dice.pt"), "best")
+    # network (weights, BN statistics, running tau), optimiser, scheduler, trainer, evaluators, random state
+    assert_same(a, b, "checkpoint_latest")
+    assert_same(load(run_dir(full) / "model.pt"), load(run_dir(killed) / "model.pt"), "model.pt")  # the exported best model
+    assert sorted(p.name for p in ckpt_dir(full).iterdir()) == ["checkpoint_latest.pt"]
 
 
 def test_same_seed_same_losses(interrupted):
-    """Two independent processes with the same seed: the same losses, bit for bit, and the same epoch-2 checkpoint."""
+    """Two independent processes with the same seed: the same losses, bit for bit."""
     first, second = losses(interrupted["full"]), interrupted["killed_losses"]
     assert len(first) == 6 and len(second) >= 3, (first, second)
     for step in sorted(second):
         assert first[step] == second[step], (step, first, second)
-    assert interrupted["killed_epoch2"] is not None
-    assert_same(load(ckpt_dir(interrupted["full"]) / "checkpoint_epoch=2.pt"), interrupted["killed_epoch2"], "checkpoint_epoch=2")
+
+
+CTRL_C_AT = 5  # Ctrl-C (SIGINT) at the start of iteration 5 of the one epoch of 6, after the checkpoint of iteration 4
+MID_EPOCH = ("--epochs", "1", "--iterations_per_epoch", "6", "--checkpoint_interval", "2", "--num_workers", "1")
+
+
+def test_ctrl_c_in_the_middle_of_the_epoch_resumes_exactly(dataset, tmp_path):
+    """The default recipe's shape (one epoch, a data loader worker), small: Ctrl-C during iteration 5,
+    then the documented command, ``--resume_from runs/train/checkpoints/checkpoint_latest.pt``: iterations
+    5 and 6 have the uninterrupted run's losses bit for bit (the same tiles, augmentations and equivariance
+    draws), and the run ends with the uninterrupted run's checkpoint and model."""
+    plain = _override(tmp_path, "plain")
+    ctrl_c = _override(tmp_path, "ctrl_c", training=[
+        f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once={CTRL_C_AT}), "
+        "lambda e: os.kill(os.getpid(), 2))",  # SIGINT, as Ctrl-C in a terminal
+        "$@train#trainer.run()",
+    ])
+    full, run = tmp_path / "full", tmp_path / "run"
+    proc = train(full, dataset, plain, *MID_EPOCH)
+    assert proc.returncode == 0, _log(proc)
+
+    stopped = train(run, dataset, ctrl_c, *MID_EPOCH)
+    assert stopped.returncode != 0, _log(stopped)
+    assert stopped.stderr.strip().splitlines()[-1] == "KeyboardInterrupt", _log(stopped)
+    assert f"holds iteration 4: go on from there with --resume_from {latest(run)}" in stopped.stdout + stopped.stderr, _log(stopped)
+    assert load(latest(run))["trainer"]["iteration"] == 4 and not (run_dir(run) / "model.pt").exists()
+
+    resumed = train(run, dataset, plain, *MID_EPOCH, "--resume_from", str(latest(run)))
+    assert resumed.returncode == 0, _log(resumed)
+    assert "loading its first 4 batches again" in resumed.stdout + resumed.stderr
+    expected, got = losses(full), losses(run)  # steps 1-4 from the stopped run, 5-6 from the resumed one
+    assert sorted(expected) == sorted(got) == list(range(1, 7)) and got == expected, (expected, got)
+    assert_same(load(latest(full)), load(latest(run)), "checkpoint_latest")
+    assert_same(load(run_dir(full) / "model.pt"), load(run_dir(run) / "model.pt"), "model.pt")
 
 
 def test_worse_validation_after_resume_keeps_the_best_model(interrupted, dataset, tmp_path):
     """A resumed run whose validation Dice is 0 (selection threshold above any attention value)
-    keeps model.pt and best_val_attention_dice.pt, and the best metric of before the interruption."""
+    keeps model.pt, and the best metric of before the interruption."""
     root = tmp_path / "worse"
     shutil.copytree(interrupted["full"], root)
-    model, best = root / "models" / "model.pt", ckpt_dir(root) / "best_val_attention_dice.pt"
-    before = {p: sha(p) for p in (model, best)}
-    previous = load(ckpt_dir(root) / "checkpoint_final.pt")["evaluators"]["select"]
+    model = run_dir(root) / "model.pt"
+    before = sha(model)
+    previous = load(latest(root))["evaluators"]["select"]
     assert previous["best_metric"] > 0 and previous["best_metric_epoch"] >= 1
     proc = train(root, dataset, _override(tmp_path, "plain"), "--epochs", "4", "--num_workers", "0", "--selection_threshold", "1.01",
-                 "--resume_from", str(ckpt_dir(root) / "checkpoint_final.pt"))
+                 "--resume_from", str(latest(root)))
     assert proc.returncode == 0, _log(proc)
     assert "val_attention_dice: 0.0000" in proc.stdout + proc.stderr  # the new validation is worse
-    assert {p: sha(p) for p in (model, best)} == before
-    after = load(ckpt_dir(root) / "checkpoint_final.pt")
+    assert sha(model) == before
+    after = load(latest(root))
     assert after["trainer"]["iteration"] == 8
     assert after["evaluators"]["select"]["best_metric"] == previous["best_metric"]
     assert after["evaluators"]["select"]["best_metric_epoch"] == previous["best_metric_epoch"]
@@ -177,26 +222,26 @@ def test_worse_validation_after_resume_keeps_the_best_model(interrupted, dataset
 
 def test_resume_with_a_worker_process(dataset, tmp_path):
     """num_workers=1: the worker's seed is drawn when the epoch's loader iterator is made, after
-    the epoch's reseeding, so a run resumed from its epoch-1 checkpoint ends as the uninterrupted one."""
+    the epoch's reseeding, so a 1-epoch run resumed with --epochs 2 ends as a 2-epoch run."""
     plain = _override(tmp_path, "plain")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     no_validation = ("--val_interval", "100")  # the comparison is of training: skip the validations
     proc = train(full, dataset, plain, "--epochs", "2", "--num_workers", "1", *no_validation)
     assert proc.returncode == 0, _log(proc)
-    proc = train(resumed, dataset, plain, "--epochs", "2", "--num_workers", "1", *no_validation,
-                 "--resume_from", str(ckpt_dir(full) / "checkpoint_epoch=1.pt"))
+    proc = train(resumed, dataset, plain, "--epochs", "1", "--num_workers", "1", *no_validation)
     assert proc.returncode == 0, _log(proc)
-    a, b = load(ckpt_dir(full) / "checkpoint_final.pt"), load(ckpt_dir(resumed) / "checkpoint_final.pt")
+    proc = train(resumed, dataset, plain, "--epochs", "2", "--num_workers", "1", *no_validation, "--resume_from", str(latest(resumed)))
+    assert proc.returncode == 0, _log(proc)
+    a, b = load(latest(full)), load(latest(resumed))
     assert b["trainer"]["iteration"] == 4
-    assert_same(a, b, "checkpoint_final")
+    assert_same(a, b, "checkpoint_latest")
 
 
 def test_non_finite_loss_stops_and_leaves_finite_files(dataset, tmp_path):
     """NaN pixels in the tile batch of iteration NAN_AT (a corrupt input): the run stops with a
-    non-zero exit naming the iteration; checkpoint_final.pt (written on the exception) is the
-    finite state before that iteration (BatchNorm statistics and running tau included);
-    model.pt is still the epoch-1 export. Resuming from a checkpoint with a NaN weight is refused
-    before anything is written."""
+    non-zero exit naming the iteration; checkpoint_latest.pt is still the finite end of epoch 1
+    (nothing is written on the exception) and model.pt the epoch-1 export. Resuming from a
+    checkpoint with a NaN weight is refused before anything is written."""
     root = tmp_path / "nan"
     corrupt = _override(tmp_path, "corrupt", training=[
         f"$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_STARTED(once={NAN_AT}), "
@@ -206,12 +251,12 @@ def test_non_finite_loss_stops_and_leaves_finite_files(dataset, tmp_path):
     proc = train(root, dataset, corrupt, "--epochs", "3", "--num_workers", "0")
     assert proc.returncode != 0
     assert f"non-finite training loss at iteration {NAN_AT}" in proc.stdout + proc.stderr, _log(proc)
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"NonFiniteTrainingError: non-finite training loss at iteration {NAN_AT}")
 
-    final, epoch1 = load(ckpt_dir(root) / "checkpoint_final.pt"), load(ckpt_dir(root) / "checkpoint_epoch=1.pt")
-    assert not non_finite(final["network"], "network") and not non_finite(final["optimizer"], "optimizer")
-    assert final["trainer"]["iteration"] == NAN_AT
-    assert_same(final["network"], epoch1["network"], "network")  # iteration NAN_AT changed nothing, not even buffers
-    model = load(root / "models" / "model.pt")
+    epoch1 = load(latest(root))
+    assert not non_finite(epoch1["network"], "network") and not non_finite(epoch1["optimizer"], "optimizer")
+    assert epoch1["trainer"]["iteration"] == NAN_AT - 1
+    model = load(run_dir(root) / "model.pt")
     assert not non_finite(model, "model.pt")
     assert_same(model, {k[len("attention."):]: v for k, v in epoch1["network"].items() if k.startswith("attention.")}, "model.pt")
 

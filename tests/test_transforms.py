@@ -147,13 +147,13 @@ def test_rand_dihedrald_same_transform_for_all_keys():
 
 
 def test_compare_stain_normalisation_script(prepared_dataset, capsys):
-    """scripts/compare_stain_normalisation.py: one row per image, one column per setting;
+    """scripts/research/compare_stain_normalisation.py: one row per image, one column per setting;
     purple disks on pink keep their contrast under every normalisation."""
     import importlib.util
 
     from tests.conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("compare_stain_normalisation", REPO / "scripts" / "compare_stain_normalisation.py")
+    spec = importlib.util.spec_from_file_location("compare_stain_normalisation", REPO / "scripts" / "research" / "compare_stain_normalisation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     means = module.compare(str(prepared_dataset), settings=[(90, None), (None, 1.5)])

@@ -148,6 +148,20 @@ def test_16bit_pyramid_read_by_levels_with_tifffile(tmp_path):
         assert s.level_for(magnification_to_mpp(20)) == 1
 
 
+def test_tiled_tiff_with_separate_colour_planes_read_with_tifffile(tmp_path):
+    """A tiled 8-bit RGB TIFF whose colours are stored as separate planes (planar configuration 2):
+    cuCIM misreads its regions (wrong pixels in the first column of tiles), so tifffile reads it."""
+    import tifffile
+
+    image = synthetic_he(300, 200)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.moveaxis(image, -1, 0), photometric="rgb", planarconfig="separate", tile=(64, 64), compression="zlib")
+    for backend in BACKENDS:
+        with Slide(path, backend, mpp=0.25) as s:
+            assert s.backend == "tifffile"
+            np.testing.assert_array_equal(s.read_level((13, 17), (200, 150)), np.moveaxis(image[13:213, 17:167], -1, 0))
+
+
 def test_compressed_single_strip_tiff_above_the_limit_is_refused(tmp_path, monkeypatch):
     """A strip is decoded whole, so a compressed TIFF stored as one strip cannot be read by
     regions: above the whole-image limit it is refused with what to do (limit lowered here)."""

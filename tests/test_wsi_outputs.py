@@ -222,6 +222,70 @@ def test_interrupted_slide_leaves_no_complete_looking_file(small_model, tmp_path
     assert sorted(p.name for p in (tmp_path / "out").glob("*")) == []
 
 
+def test_time_and_progress_bar_start_before_the_first_window(small_model, tmp_path, monkeypatch):
+    """A slide's progress bar opens, and its time starts, before its first window is read: at the
+    start of the run for the first slide, at the end of the previous slide for the next one, so a
+    slow first window (0.5 s here) counts in the summary's seconds."""
+    import time
+
+    from custom.wsi import datasets
+    from custom.wsi import writer as wsi_writer
+
+    events = []
+    read = datasets.SlideWindowDataset.__getitem__
+
+    def slow_first_window(self, index):
+        si, wi = self.windows[index][:2]
+        events.append(("read", self.slides_info[si]["name"], wi))
+        if wi == 0:
+            time.sleep(0.5)
+        return read(self, index)
+
+    class Bar:
+        def __init__(self, total, desc, **kwargs):
+            events.append(("bar", desc, total))
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            events.append(("close",))
+
+    monkeypatch.setattr(datasets.SlideWindowDataset, "__getitem__", slow_first_window)
+    monkeypatch.setattr(wsi_writer, "tqdm", Bar)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        Image.fromarray(synthetic_he(200, 200, tissue_fraction=1.0, seed=seed)).save(folder / f"{name}.png")
+    infer(small_model, folder, tmp_path / "out", base_magnification=40, use_tissue_mask=False, window=128, progress=True)
+    assert events == [("bar", "a", 4), ("read", "a", 0), ("read", "a", 1), ("read", "a", 2), ("read", "a", 3), ("close",),
+                      ("bar", "b", 4), ("read", "b", 0), ("read", "b", 1), ("read", "b", 2), ("read", "b", 3), ("close",)]
+    for name in ("a", "b"):
+        assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["seconds"] >= 0.5
+
+
+def test_overlay_outlines_are_two_pixels_wide(small_model, tmp_path):
+    """The nucleus outlines of the slide overlay and of the evaluation overlays are OUTLINE_WIDTH (2) px wide."""
+    from scipy import ndimage
+
+    from custom.evaluation.reports import OUTLINE_WIDTH, outlines
+
+    assert OUTLINE_WIDTH == 2
+    labels = np.zeros((20, 30), np.int32)
+    labels[2:12, 2:12] = 1
+    labels[2:12, 12:22] = 2  # touching: each keeps its own outline
+    ring = outlines(labels)
+    assert ring[labels == 1].sum() == 10 * 10 - 6 * 6 and ring[labels == 2].sum() == 10 * 10 - 6 * 6
+    assert not ring[labels == 0].any() and not ring[6:8, 6:8].any()
+    png = tmp_path / "image.png"
+    Image.fromarray(synthetic_he(256, 256, tissue_fraction=1.0, seed=4)).save(png)
+    infer(small_model, png, tmp_path / "out", base_magnification=40, use_tissue_mask=False, overlay_size=256)
+    yellow = (np.asarray(Image.open(tmp_path / "out" / "image_overlay.png").convert("RGB")) == (255, 230, 0)).all(-1)
+    assert yellow.sum() > 500
+    # a 1-px outline has (almost) no 2x2 block of yellow; a 2-px one is mostly made of them
+    assert ndimage.binary_erosion(yellow, np.ones((2, 2), bool)).sum() > 0.2 * yellow.sum()  # 1 px: 2 %, 2 px: 36 %
+
+
 def test_segment_script_with_the_shipped_model(tmp_path):
     """The fresh-clone command: segment a validation image with the committed model."""
     data = require_monuseg()

@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from PIL import Image
 
+from custom.atomic_write import write_atomic
 from custom.command_line import flag
 
 __all__ = ['MONUSEG_ARCHIVES', 'MONUSEG_SPLITS', 'convert_monuseg', 'ensure_monuseg', 'has_prepared_data', 'prepare_monuseg', 'xml_to_instance_map']
@@ -249,17 +250,6 @@ def _find_pairs(raw_dir: Path) -> list[tuple[str, Path, Path]]:
     return [(stem, images[stem], xmls[stem]) for stem in sorted(images)]
 
 
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    """Write a PNG under a temporary name beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def convert_monuseg(raw_dir: str | Path, out_dir: str | Path) -> list[str]:
     """Convert an extracted official MoNuSeg archive to the prepared layout.
 
@@ -298,8 +288,8 @@ def convert_monuseg(raw_dir: str | Path, out_dir: str | Path) -> list[str]:
         except (OSError, ValueError) as e:
             raise ValueError(f"{image_path}: cannot be read as an image ({e}).") from e
         label = xml_to_instance_map(xml_path, rgb.shape[:2])
-        _save_png_atomic(label, out_dir / "labels" / f"{image_id}.png")
-        _save_png_atomic(rgb, out_dir / "images" / f"{image_id}.png")
+        write_atomic(out_dir / "labels" / f"{image_id}.png", lambda tmp: Image.fromarray(label).save(tmp, format="PNG"))
+        write_atomic(out_dir / "images" / f"{image_id}.png", lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
     return [image_id for image_id, _, _ in pairs]
 
 

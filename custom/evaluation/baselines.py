@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from custom.inference.postprocess import local_threshold_mask
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from torch import nn
 
+from custom.inference.postprocess import local_threshold_mask
 from custom.model.networks import HematoxylinDensity
 
 __all__ = ['BASELINES', 'HematoxylinLocalThreshold', 'HematoxylinOtsu']

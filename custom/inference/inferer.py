@@ -88,7 +88,7 @@ class TiledAttentionInferer(Inferer):
         amp_dtype: autocast dtype: "auto" (bf16 where native on the device, else float32; see
             :func:`custom.model.precision.resolve_amp_dtype`), "bfloat16", "float16" or None for float32.
         channels_last: feed windows in channels-last memory format.
-        sharpness: slope of the percentile sigmoid at inference, ``A = sigmoid(sharpness (a - tau))``;
+        r: slope of the percentile sigmoid at inference, ``A = sigmoid(r (a - tau))``;
             None: the network's own ``r`` (training's, 20 here, which saturates all but a thin rim
             of each nucleus to 0 or 1). A slope of about 1 gives a soft map whose histogram keeps
             the logits' spread, which a per-image threshold (``threshold="otsu"`` in
@@ -102,7 +102,7 @@ class TiledAttentionInferer(Inferer):
         tta: bool = True,
         amp_dtype: str | None = None,
         channels_last: bool = False,
-        sharpness: float | None = None,
+        r: float | None = None,
     ):
         super().__init__()
         roi = (roi_size, roi_size) if isinstance(roi_size, (int, np.integer)) else tuple(roi_size)
@@ -113,7 +113,7 @@ class TiledAttentionInferer(Inferer):
         if margin is not None and (not isinstance(margin, (int, np.integer)) or isinstance(margin, bool) or margin < 0):
             raise ValueError(f"margin must be an integer >= 0 (pixels) or None, got {margin!r}.")
         autocast_context("cpu", amp_dtype)  # validates the dtype name
-        self.sharpness = check_sigmoid_slope(sharpness, "sharpness")
+        self.r = check_sigmoid_slope(r, "r")
         self.roi_size = (int(roi[0]), int(roi[1]))
         self.margin = None if margin is None else int(margin)
         self.tta, self.amp_dtype, self.channels_last = flag(tta, "tta"), amp_dtype, flag(channels_last, "channels_last")
@@ -165,7 +165,7 @@ class TiledAttentionInferer(Inferer):
         with eval_mode(net):
             total = None
             for t in transforms:
-                attention = net.activation(self.tiled_logits(net, dihedral(x, t), margin), r=self.sharpness)
+                attention = net.activation(self.tiled_logits(net, dihedral(x, t), margin), r=self.r)
                 attention = dihedral_inverse(attention, t)
                 total = attention.clone() if total is None else total.add_(attention)
             out = (total / len(transforms)).contiguous()

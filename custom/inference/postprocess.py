@@ -32,6 +32,8 @@ instance maps int32, background 0, instances numbered ``1..N`` consecutively.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -47,13 +49,87 @@ from skimage.segmentation import watershed
 
 from custom.command_line import flag
 
-__all__ = ['AttentionToInstances', 'AttentionToInstancesd', 'attention_to_instances', 'fill_small_holes', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
+__all__ = ['PostprocessParams', 'AttentionToInstances', 'AttentionToInstancesd', 'attention_to_instances', 'fill_small_holes', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
 
 
 OTSU = "otsu"
 DEFAULT_OTSU_RANGE = (0.4, 0.6)
 OTSU_CLIP_PERCENTILES = (0.5, 99.5)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessParams:
+    """The post-processing parameters, with their defaults (the paper's pipeline) in this one place.
+
+    A model file stores the set tuned for it (``scripts/tune_postprocess.py --write_model``);
+    :meth:`for_model` reads it, and the bundle's ``postprocess`` config key overrides single
+    values (``--postprocess '{"min_size": 50}'``). Every consumer (evaluation, inference, whole slides,
+    MONAI Label) takes the resulting dict. Fields: see :func:`attention_to_instances` and
+    :func:`mask_to_instances`.
+    """
+
+    threshold: float | str = 0.5
+    morphology_radii: tuple[int, ...] = (2, 1)
+    sigma: float = 1.0
+    footprint_radius: int = 7
+    min_size: int = 0
+    otsu_range: tuple[float, float] = DEFAULT_OTSU_RANGE
+    attention_sigma: float = 0.0
+    local_block_size: int = 0
+    local_offset: float = 0.0
+    marker_h: float = 0.0
+    fill_holes: int = 0
+    fill_unmarked: bool = True
+
+    def __post_init__(self):
+        lo, hi = _check_threshold(self.threshold, self.otsu_range)
+        block, offset = _check_local(self.local_block_size, self.local_offset)
+        checked = {
+            "otsu_range": (lo, hi),
+            "morphology_radii": _check_params(self.morphology_radii, self.sigma, self.footprint_radius, self.min_size),
+            "attention_sigma": _check_attention_sigma(self.attention_sigma),
+            "local_block_size": block,
+            "local_offset": offset,
+            "marker_h": _check_marker_h(self.marker_h),
+            "fill_holes": _check_fill_holes(self.fill_holes),
+            "fill_unmarked": flag(self.fill_unmarked, "fill_unmarked"),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping | None, source: str = "post-processing") -> PostprocessParams:
+        """The defaults updated by ``values``; an unknown key is refused with the closest name."""
+        values = dict(values or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], names, n=1)
+            raise ValueError(f"{source}: unknown post-processing parameter {unknown[0]!r}"
+                             + (f"; did you mean {hint[0]!r}?" if hint else f"; the parameters are {names}."))
+        return cls(**values)
+
+    @classmethod
+    def from_stored(cls, stored: Mapping | None, overrides: Mapping | None = None) -> PostprocessParams:
+        """The set a model stores (``network.postprocess``; its records ``r`` (the sigmoid slope it was tuned at) and
+        ``tuned_on`` left out), updated by ``overrides`` (the ``postprocess`` config key)."""
+        stored = {k: v for k, v in dict(stored or {}).items() if k not in STORED_RECORDS}
+        return cls.from_mapping({**stored, **dict(overrides or {})}, "postprocess")
+
+    def as_dict(self, with_unmarked: bool = False) -> dict:
+        """JSON-ready keyword arguments of :func:`attention_to_instances` (lists for tuples);
+        ``fill_unmarked`` only when asked (it is not tuned, and reports leave it out)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["morphology_radii"], out["otsu_range"] = list(self.morphology_radii), list(self.otsu_range)
+        if not with_unmarked:
+            del out["fill_unmarked"]
+        return out
+
+
+# what a model file stores beside the parameters: the sigmoid slope they were tuned at (the inferer's) and the tuning record
+STORED_RECORDS = ("r", "tuned_on")
+
 
 
 def _is_int(value) -> bool:
@@ -175,7 +251,7 @@ def otsu_threshold(attention, otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE) 
     """One image's foreground threshold: Otsu's on its attention histogram, clamped to ``otsu_range``.
 
     The map is clipped to its 0.5-99.5 percentiles first so that a few extreme pixels
-    do not stretch the histogram. Needs a soft map (the inferer's ``sharpness`` about 1):
+    do not stretch the histogram. Needs a soft map (the inferer's ``r`` about 1):
     training's slope saturates nearly every pixel to 0 or 1 and Otsu then lands near 0.5
     whatever the image. The clamp keeps a tile without nuclei (one mode, no valley) from
     being split in two: its threshold stays at ``otsu_range[0]`` or above.
@@ -240,13 +316,13 @@ def _relabel_sequential(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
 
 def mask_to_instances(
     mask,
-    morphology_radii: Sequence[int] = (2, 1),
-    sigma: float = 1.0,
-    footprint_radius: int = 7,
-    min_size: int = 0,
-    fill_unmarked: bool = True,
-    marker_h: float = 0.0,
-    fill_holes: int = 0,
+    morphology_radii: Sequence[int] = PostprocessParams.morphology_radii,
+    sigma: float = PostprocessParams.sigma,
+    footprint_radius: int = PostprocessParams.footprint_radius,
+    min_size: int = PostprocessParams.min_size,
+    fill_unmarked: bool = PostprocessParams.fill_unmarked,
+    marker_h: float = PostprocessParams.marker_h,
+    fill_holes: int = PostprocessParams.fill_holes,
 ) -> np.ndarray:
     """Split a binary foreground mask into instances (steps 2-6 of the pipeline).
 
@@ -308,25 +384,12 @@ def mask_to_instances(
     return _relabel_sequential(labels.astype(np.int64, copy=False), int(min_size))
 
 
-def attention_to_instances(
-    attention,
-    threshold: float = 0.5,
-    morphology_radii: Sequence[int] = (2, 1),
-    sigma: float = 1.0,
-    footprint_radius: int = 7,
-    min_size: int = 0,
-    fill_unmarked: bool = True,
-    otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
-    attention_sigma: float = 0.0,
-    local_block_size: int = 0,
-    local_offset: float = 0.0,
-    marker_h: float = 0.0,
-    fill_holes: int = 0,
-) -> np.ndarray:
+def attention_to_instances(attention, **params) -> np.ndarray:
     """Nucleus instances from an attention map: ``A > threshold``, then :func:`mask_to_instances`.
 
     Args:
         attention: ``(H, W)`` or ``(1, H, W)`` float map in [0, 1], numpy or torch.
+        **params: fields of :class:`PostprocessParams` (its defaults for the rest):
         threshold: foreground is ``attention > threshold``, in [0, 1] (paper: 0.5), or
             ``"otsu"``: a threshold per map (:func:`otsu_threshold`, for soft maps).
         morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h, fill_holes: see :func:`mask_to_instances`.
@@ -340,25 +403,20 @@ def attention_to_instances(
     Returns:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
-    lo, hi = _check_threshold(threshold, otsu_range)
-    local_block_size, local_offset = _check_local(local_block_size, local_offset)
-    _check_params(morphology_radii, sigma, footprint_radius, min_size)
-    _check_marker_h(marker_h)
-    _check_fill_holes(fill_holes)
-    attention_sigma = _check_attention_sigma(attention_sigma)
+    p = PostprocessParams.from_mapping(params)
     arr = _to_2d(attention, "attention")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
     if np.isnan(arr).any():
         raise ValueError("attention contains NaN values.")
-    if attention_sigma > 0:
-        arr = ndimage.gaussian_filter(arr.astype(np.float32, copy=False), attention_sigma)  # "nearest" edges: no dark rim
-    if threshold == OTSU:
-        threshold = _otsu_level(arr, lo, hi)
+    if p.attention_sigma > 0:
+        arr = ndimage.gaussian_filter(arr.astype(np.float32, copy=False), p.attention_sigma)  # "nearest" edges: no dark rim
+    threshold = _otsu_level(arr, *p.otsu_range) if p.threshold == OTSU else p.threshold
     mask = arr > threshold
-    if local_block_size:
-        mask &= _local_mask(arr, local_block_size, local_offset)
-    return mask_to_instances(mask, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, marker_h, fill_holes)
+    if p.local_block_size:
+        mask &= _local_mask(arr, p.local_block_size, p.local_offset)
+    return mask_to_instances(mask, p.morphology_radii, p.sigma, p.footprint_radius, p.min_size, p.fill_unmarked, p.marker_h,
+                             p.fill_holes)
 
 
 def keep_centred(labels: np.ndarray, core: Sequence[int], max_size: int = 0) -> np.ndarray:
@@ -406,39 +464,17 @@ class AttentionToInstances(Transform):
 
     Input ``(H, W)`` or ``(1, H, W)`` numpy/torch (MetaTensor meta kept); output of the
     same type, device and shape, dtype int32.
+
+    Args:
+        params: a :class:`PostprocessParams` or a mapping of its fields (e.g. the bundle's
+            ``postprocess_params``); None: the defaults.
+        **overrides: single fields, applied over ``params``.
     """
 
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        morphology_radii: Sequence[int] = (2, 1),
-        sigma: float = 1.0,
-        footprint_radius: int = 7,
-        min_size: int = 0,
-        fill_unmarked: bool = True,
-        otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
-        attention_sigma: float = 0.0,
-        local_block_size: int = 0,
-        local_offset: float = 0.0,
-        marker_h: float = 0.0,
-        fill_holes: int = 0,
-    ):
-        lo, hi = _check_threshold(threshold, otsu_range)
-        block, offset = _check_local(local_block_size, local_offset)
-        self.kwargs = {
-            "threshold": threshold,
-            "otsu_range": (lo, hi),
-            "attention_sigma": _check_attention_sigma(attention_sigma),
-            "local_block_size": block,
-            "local_offset": offset,
-            "morphology_radii": _check_params(morphology_radii, sigma, footprint_radius, min_size),
-            "sigma": sigma,
-            "footprint_radius": footprint_radius,
-            "min_size": min_size,
-            "fill_unmarked": flag(fill_unmarked, "fill_unmarked"),
-            "marker_h": _check_marker_h(marker_h),
-            "fill_holes": _check_fill_holes(fill_holes),
-        }
+    def __init__(self, params: PostprocessParams | Mapping | None = None, **overrides):
+        base = params.as_dict(with_unmarked=True) if isinstance(params, PostprocessParams) else dict(params or {})
+        self.params = PostprocessParams.from_mapping({**base, **overrides})
+        self.kwargs = {f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.params)}
 
     def __call__(self, img):
         instances = attention_to_instances(img, **self.kwargs)
@@ -453,32 +489,22 @@ class AttentionToInstancesd(MapTransform):
 
     Args:
         keys: keys of the attention maps (default "pred").
+        params: a :class:`PostprocessParams` or a mapping of its fields (None: the defaults).
         output_key: where to write the instances (only with a single key); default
             ``key + suffix``, i.e. "pred_instances".
         suffix: appended to each key when ``output_key`` is None.
         allow_missing_keys: skip absent keys.
-        threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range, attention_sigma,
-            local_block_size, local_offset, marker_h, fill_holes: see :func:`attention_to_instances`.
+        **overrides: single fields of :class:`PostprocessParams`, applied over ``params``.
     """
 
     def __init__(
         self,
         keys: KeysCollection = "pred",
+        params: PostprocessParams | Mapping | None = None,
         output_key: str | None = None,
         suffix: str = "_instances",
-        threshold: float = 0.5,
-        morphology_radii: Sequence[int] = (2, 1),
-        sigma: float = 1.0,
-        footprint_radius: int = 7,
-        min_size: int = 0,
-        fill_unmarked: bool = True,
-        otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE,
-        attention_sigma: float = 0.0,
-        local_block_size: int = 0,
-        local_offset: float = 0.0,
-        marker_h: float = 0.0,
-        fill_holes: int = 0,
         allow_missing_keys: bool = False,
+        **overrides,
     ):
         super().__init__(keys, allow_missing_keys)
         if output_key is not None and len(self.keys) != 1:
@@ -486,8 +512,7 @@ class AttentionToInstancesd(MapTransform):
         if output_key is None and not suffix:
             raise ValueError("suffix must be non-empty when output_key is None (it would overwrite the attention).")
         self.output_key, self.suffix = output_key, suffix
-        self.transform = AttentionToInstances(threshold, morphology_radii, sigma, footprint_radius, min_size, fill_unmarked, otsu_range,
-                                              attention_sigma, local_block_size, local_offset, marker_h, fill_holes)
+        self.transform = AttentionToInstances(params, **overrides)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from custom.atomic_write import write_atomic
 from custom.model.networks import AttentionNet
 
 __all__ = ['load_attention_weights', 'save_attention_network', 'stored_postprocess', 'stain_settings_of', 'stain_target_of']
@@ -27,10 +28,7 @@ def save_attention_network(net: AttentionNet, path: str | os.PathLike) -> Path:
     if bad:
         raise FloatingPointError(f"not exporting {path}: non-finite values in {bad[:3]}.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
@@ -57,7 +55,7 @@ def stored_postprocess(path: str | os.PathLike) -> dict:
 
     Returns:
         the keyword arguments of :func:`custom.inference.postprocess.attention_to_instances` plus
-        ``sharpness`` (the sigmoid slope the maps were tuned at) and ``tuned_on``, as stored.
+        ``r`` (the sigmoid slope the maps were tuned at) and ``tuned_on``, as stored.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`load_attention_weights`; ValueError also when

@@ -22,7 +22,7 @@ def fast_bf16(device: torch.device | str) -> bool:
     CUDA: the GPU supports bf16 (Ampere and newer). CPU: oneDNN has bf16 kernels for this
     processor (AVX512-BF16, AMX or AVX512 core). Elsewhere, e.g. an AVX2-only CPU, bf16 is
     emulated: a training step of the width-32 model took 181 s there against 23 s in fp32 with channels-last
-    (``scripts/bench_train.py``).
+    (``scripts/bench/train.py``).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -37,7 +37,7 @@ def _cpu_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-# benchmark settings by name: (amp_dtype, channels_last), as scripts/bench_train.py and bench_infer.py time them
+# benchmark settings by name: (amp_dtype, channels_last), as scripts/bench/train.py and scripts/bench/infer.py time them
 PRECISION_MODES = {"fp32": (None, False), "fp32 + channels_last": (None, True), "bf16 + channels_last": ("bfloat16", True)}
 
 

@@ -1,12 +1,12 @@
-"""Ignite handlers: attention maps in TensorBoard, F-only model export, sampler epochs,
-per-epoch reseeding, evaluator best-metric state and a checked resume loader for training
-checkpoints, evaluation reports (per-image CSV, summary), error analysis and overlay images."""
+"""Ignite handlers of the training workflow: attention maps in TensorBoard, F-only model export,
+progress bars, sampler epochs and per-epoch reseeding (both resumable in the middle of an epoch),
+the one resumable training checkpoint, evaluator best-metric state and a checked resume loader."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,9 @@ from custom.command_line import flag
 from custom.model.checkpoint import save_attention_network
 from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ['AttentionMapTensorBoardHandler', 'BatchSamplerEpochHandler', 'EpochSeedHandler', 'EvaluatorState', 'ExportAttentionNetwork', 'NonFiniteStopBarrier', 'ResumeCheckpointLoader', 'attach_checkpoint_saver', 'epoch_seed', 'non_finite_entries', 'unwrap', 'write_atomic']
+__all__ = ['AttentionMapTensorBoardHandler', 'BatchSamplerEpochHandler', 'EpochSeedHandler', 'EvaluatorState', 'ExportAttentionNetwork',
+           'LatestCheckpointSaver', 'NonFiniteStopBarrier', 'ProgressBar', 'ResumeCheckpointLoader', 'attach_checkpoint_saver', 'epoch_seed',
+           'global_rng_state', 'non_finite_entries', 'set_global_rng_state', 'unwrap', 'write_atomic']
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -87,7 +89,7 @@ class ExportAttentionNetwork:
 
     Args:
         network: the :class:`custom.model.networks.ScaleAttentionModel` (or DDP-wrapped) or an AttentionNet.
-        filepath: where to write, e.g. ``bundle/models/model.pt``.
+        filepath: where to write, e.g. ``bundle/runs/train/model.pt`` (``model_path`` of ``train.json``).
         epoch_level: also save at the end of every epoch (always at completion).
         best_only: attach to the model-selection evaluator instead: save when a run of it
             ends and its key metric is the best so far (``best_metric_epoch == epoch``).
@@ -98,6 +100,7 @@ class ExportAttentionNetwork:
         self.epoch_level, self.best_only = flag(epoch_level, "epoch_level"), flag(best_only, "best_only")
 
     def attach(self, engine: Engine) -> None:
+        logging.getLogger(__name__).info(f"{'The best model' if self.best_only else 'The model'} (F) goes to {os.path.abspath(self.filepath)}")
         engine.add_event_handler(Events.COMPLETED, self)
         if self.epoch_level and not self.best_only:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -109,31 +112,149 @@ class ExportAttentionNetwork:
         save_attention_network(getattr(net, "attention", net), self.filepath)
 
 
+def done_in_epoch(engine: Engine) -> int:
+    """Iterations of the current epoch already done when it starts: 0, or ``k`` for a run resumed from a
+    checkpoint written after iteration ``k`` of that epoch (Ignite then runs only the epoch's other iterations)."""
+    length = engine.state.epoch_length
+    return engine.state.iteration - (engine.state.epoch - 1) * length if length else 0
+
+
 class BatchSamplerEpochHandler:
     """Tells a batch sampler with ``set_epoch`` which epoch starts (0-based), so a
     resumed run draws the same batches as an uninterrupted one.
 
-    A run resumed in the middle of an epoch (from a checkpoint written at an exception:
-    Ignite then runs only the rest of that epoch) is also told the first batch to yield
-    (``set_epoch(epoch, start=k)``) when the sampler takes one, so it goes on with the epoch's
-    remaining batches instead of its first ones again."""
+    A run resumed in the middle of an epoch (from a checkpoint written after iteration ``k`` of it:
+    Ignite then runs only the epoch's remaining iterations) draws the epoch's first ``k`` batches
+    again through the data loader and drops them, before its first iteration. The data loader's
+    random transforms, in this process or in its worker processes (whose state cannot be saved), then
+    stand where they stood in the uninterrupted run after ``k`` batches, and so do the batches that
+    follow: order, crops, flips and stain jitter. Costs the loading of ``k`` batches.
+
+    Args:
+        batch_sampler: e.g. :class:`custom.training.tiles.BalancedMagnificationBatchSampler`.
+    """
 
     def __init__(self, batch_sampler):
         if not hasattr(batch_sampler, "set_epoch"):
             raise TypeError(f"{type(batch_sampler).__name__} has no set_epoch().")
         self.batch_sampler = batch_sampler
-        self._takes_start = "start" in inspect.signature(batch_sampler.set_epoch).parameters
+        self._replay = 0
+        self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self.replay)
 
     def __call__(self, engine: Engine) -> None:
+        self.batch_sampler.set_epoch(engine.state.epoch - 1)
+        self._replay = done_in_epoch(engine)
+
+    def replay(self, engine: Engine) -> None:
+        """Before the first batch of a resumed epoch: draw and drop the batches its done iterations used."""
+        if not self._replay:
+            return
+        count, self._replay = self._replay, 0
+        iterator = getattr(engine, "_dataloader_iter", None)  # Ignite's iterator over the epoch's data, made after EPOCH_STARTED
+        if iterator is None:
+            raise RuntimeError("BatchSamplerEpochHandler: the engine has no data iterator to resume in the middle of an epoch "
+                               "(ignite.engine.Engine._dataloader_iter); this Ignite version is not supported.")
+        self.logger.info(f"Resuming in the middle of epoch {engine.state.epoch}: loading its first {count} batches again "
+                         "(dropped) so the batches that follow are those of the uninterrupted run.")
+        for _ in range(count):
+            next(iterator)
+
+
+class LatestCheckpointSaver:
+    """The run's one resumable training checkpoint, ``<save_dir>/checkpoint_latest.pt``, overwritten
+    every ``interval`` iterations and at the end of every epoch (after its validation, so a resumed
+    run never skips one), written atomically (a temporary file renamed), so it is always whole.
+
+    It is written only where the run can go on exactly: after an iteration, never when the run stops
+    on an exception (Ctrl-C, a NaN loss): an interrupted iteration may have moved BatchNorm
+    statistics, the optimiser or the random generators half-way. The last iteration of an epoch is
+    saved at ``EPOCH_COMPLETED`` instead of ``ITERATION_COMPLETED``: a run stopped during the
+    epoch's validation then resumes from the previous save and validates. When the run stops on an
+    exception, the handler logs the iteration that ``--resume_from`` goes on from, and re-raises.
+
+    The file is ``{name: object.state_dict()}`` for ``save_dict`` (DDP/DataParallel modules
+    unwrapped), the layout of Ignite's ``Checkpoint`` that :class:`ResumeCheckpointLoader` reads.
+
+    Args:
+        save_dir: the folder (created when missing).
+        save_dict: name -> object with ``state_dict()``: network, optimizer, lr_scheduler, trainer, ...
+        interval: iterations between saves within an epoch; 0 saves at the end of each epoch only.
+        filename: the file name in ``save_dir``.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, interval: int = 0, filename: str = "checkpoint_latest.pt"):
+        if int(interval) < 0:
+            raise ValueError(f"checkpoint_interval must be >= 0 (0: at the end of each epoch only), got {interval}.")
+        self.path = Path(save_dir) / filename
+        self.save_dict, self.interval = dict(save_dict), int(interval)
+        self.saved_iteration: int | None = None
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        every = f"every {self.interval} iterations and " if self.interval else ""
+        self.logger.info(f"The resumable training checkpoint ({every}at the end of each epoch) goes to {self.path.resolve()}")
+        if self.interval:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)  # a run terminated in the middle of an epoch
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def _iteration_completed(self, engine: Engine) -> None:
         length = engine.state.epoch_length
-        done = engine.state.iteration - (engine.state.epoch - 1) * length if length else 0
-        if done and self._takes_start:
-            self.batch_sampler.set_epoch(engine.state.epoch - 1, start=done)
+        if length and engine.state.iteration % length == 0:
+            return  # the epoch's last iteration: saved at EPOCH_COMPLETED, after the validation
+        self.save(engine)
+
+    def save(self, engine: Engine) -> None:
+        """Write the checkpoint (once per iteration)."""
+        if self.saved_iteration == engine.state.iteration:
+            return
+        checkpoint = {name: (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).state_dict() for name, obj in self.save_dict.items()}
+        write_atomic(self.path, lambda tmp: torch.save(checkpoint, tmp))
+        self.saved_iteration = engine.state.iteration
+
+    def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        if self.saved_iteration is not None:
+            self.logger.warning(
+                f"Training stopped at iteration {engine.state.iteration} ({type(e).__name__}). {self.path} holds iteration "
+                f"{self.saved_iteration}: go on from there with --resume_from {self.path} (the same other options)."
+            )
         else:
-            self.batch_sampler.set_epoch(engine.state.epoch - 1)
+            self.logger.warning(f"Training stopped at iteration {engine.state.iteration} ({type(e).__name__}) before its first checkpoint.")
+        raise e
+
+
+class ProgressBar:
+    """Ignite's progress bar (tqdm: done/total, rate, elapsed and remaining time) for one engine,
+    as an item of a MONAI handler list (``attach(engine)``). The bar is closed after the epoch's last
+    iteration, so the epoch's log lines (metrics, new best) and the validation's bars come after it.
+
+    Args:
+        desc: the bar's label (Ignite's default: "Epoch [e/n]" or "Iteration").
+        output_transform: engine output -> ``{name: number}`` shown after the bar (e.g. the loss).
+        persist: keep the finished bar on screen.
+    """
+
+    def __init__(self, desc: str | None = None, output_transform=None, persist: bool = True):
+        self.desc, self.output_transform, self.persist = desc, output_transform, flag(persist, "persist")
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar as IgniteProgressBar
+
+        kwargs = {"desc": self.desc} if self.desc else {}
+        bar = IgniteProgressBar(persist=self.persist, **kwargs)
+        bar.attach(engine, output_transform=self.output_transform)
+
+        def close_after_last_iteration(engine: Engine) -> None:  # before EPOCH_COMPLETED's log lines and validation
+            length = engine.state.epoch_length
+            if length and engine.state.iteration % length == 0:
+                bar._close(engine)
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, close_after_last_iteration)
 
 
 def _move_exception_handlers(engine: Engine, handlers) -> list:
@@ -146,20 +267,23 @@ def _move_exception_handlers(engine: Engine, handlers) -> list:
 
 
 def attach_checkpoint_saver(saver, engine: Engine, handlers=()) -> None:
-    """Attach a MONAI ``CheckpointSaver`` to ``engine`` so that, with ``save_final``, it writes its
-    final checkpoint when the run stops on an exception (NaN loss, Ctrl-C, a failing handler).
+    """Attach the trainer's checkpoint saver (:class:`LatestCheckpointSaver`, or a MONAI ``CheckpointSaver``)
+    to ``engine`` so that its ``exception_raised`` callback runs when the run stops on an exception
+    (NaN loss, Ctrl-C, a failing handler): LatestCheckpointSaver logs where to resume from, MONAI's
+    saver with ``save_final`` writes its final checkpoint.
 
-    Its files are written atomically (to a temporary file in the same folder, then renamed): MONAI's
-    saver writes them in place, so a process killed while saving (Ctrl-C twice, torchrun stopping
-    the other ranks, a scheduler's time limit) left a truncated checkpoint that resuming cannot read.
+    A MONAI saver's files are made to be written atomically (to a temporary file in the same folder,
+    then renamed): MONAI writes them in place, so a process killed while saving (Ctrl-C twice,
+    torchrun stopping the other ranks, a scheduler's time limit) left a truncated checkpoint that
+    resuming cannot read. LatestCheckpointSaver writes atomically itself.
 
     Ignite stops calling ``EXCEPTION_RAISED`` handlers at the first one that re-raises, and MONAI's
     ``StatsHandler`` (one of the trainer's ``train_handlers``, attached when the trainer is built)
-    re-raises: a saver attached after it never saves on an exception. The ``exception_raised``
+    re-raises: a saver attached after it never sees an exception. The ``exception_raised``
     callbacks of ``handlers`` (the trainer's handler list) are therefore moved behind the saver's.
 
     Args:
-        saver: the trainer's ``CheckpointSaver``.
+        saver: the trainer's checkpoint saver.
         engine: the trainer.
         handlers: the handlers already attached to it (e.g. ``@train#handlers``).
     """
@@ -178,13 +302,14 @@ def attach_checkpoint_saver(saver, engine: Engine, handlers=()) -> None:
 
 class NonFiniteStopBarrier:
     """Under DDP, keeps every rank alive when training stops on a non-finite loss or gradient
-    until rank 0 has written its final checkpoint.
+    until rank 0 has run its exception callbacks.
 
     :class:`custom.training.engine.NonFiniteTrainingError` is raised on every rank at the same iteration.
-    The ranks other than 0 have no checkpoint to write and used to exit at once; torchrun then
-    stopped rank 0, sometimes in the middle of writing ``checkpoint_final.pt``. This handler takes
-    over the engine's exception callbacks: those of ``saver`` (rank 0's ``CheckpointSaver``, which
-    saves and re-raises) and of ``handlers`` (MONAI's ``StatsHandler`` logs and re-raises). It runs
+    The ranks other than 0 have no checkpoint and used to exit at once; torchrun then stopped rank 0
+    before its callbacks had run (a MONAI ``CheckpointSaver`` with ``save_final`` was stopped in the
+    middle of writing its final checkpoint). This handler takes over the engine's exception callbacks:
+    those of ``saver`` (rank 0's :class:`LatestCheckpointSaver`, which logs where to resume, or a MONAI
+    ``CheckpointSaver``, which saves; both re-raise) and of ``handlers`` (MONAI's ``StatsHandler`` logs and re-raises). It runs
     them in that order until one raises, as Ignite would, then, on that error only, meets the other
     ranks at a barrier (any other exception may be on one rank alone, where a barrier would wait
     forever), and raises.
@@ -192,7 +317,7 @@ class NonFiniteStopBarrier:
     Args:
         engine: the trainer.
         handlers: its handler list (e.g. ``@train#handlers``).
-        saver: the ``CheckpointSaver`` attached to it (rank 0), or None (the other ranks).
+        saver: the checkpoint saver attached to it (rank 0), or None (the other ranks).
     """
 
     def __init__(self, engine: Engine, handlers=(), saver=None):
@@ -224,9 +349,35 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
+def global_rng_state() -> dict:
+    """The state of Python's, NumPy's and torch's global generators (CPU, and CUDA once initialised),
+    as plain lists, numbers and tensors (a ``weights_only`` checkpoint holds it)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    """Restore what :func:`global_rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class EpochSeedHandler:
     """Makes each training epoch a function of ``(seed, epoch)`` alone, so that a run resumed
-    from an epoch checkpoint draws exactly what the uninterrupted run drew.
+    from a checkpoint draws exactly what the uninterrupted run drew.
 
     At ``EPOCH_STARTED``, before Ignite makes the epoch's data loader iterator, it reseeds from
     :func:`epoch_seed`:
@@ -240,6 +391,14 @@ class EpochSeedHandler:
 
     The batch order has its own ``(seed, epoch)`` generator (:class:`BatchSamplerEpochHandler`).
 
+    In the middle of an epoch the global generators have moved on (one equivariance draw per
+    iteration). Put this handler in the checkpoint's ``save_dict``/``load_dict``: its state is the
+    global generators' state when the checkpoint is written, and a run resumed from a checkpoint
+    written after iteration ``k`` of an epoch reseeds at the epoch's start as usual (so its data
+    loader gets the same worker seeds; :class:`BatchSamplerEpochHandler` replays the data), then
+    restores that state before its first iteration. Under DDP the checkpoint holds rank 0's state,
+    which only rank 0 restores.
+
     Args:
         seed: the run's seed; None turns the handler off (a run that is not reproducible).
         dataset: the training dataset whose transforms are reseeded, or None.
@@ -248,17 +407,39 @@ class EpochSeedHandler:
 
     def __init__(self, seed: int | None, dataset=None, rank: int = 0):
         self.seed, self.dataset, self.rank = (None if seed is None else int(seed)), dataset, int(rank)
+        self._loaded: dict | None = None
+        self._restore: dict | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._restore_mid_epoch)
 
     def __call__(self, engine: Engine) -> None:
+        loaded, self._loaded = self._loaded, None
         if self.seed is None:
             return
         seed = epoch_seed(self.seed, engine.state.epoch, self.rank)
         set_determinism(seed=seed)
         if self.dataset is not None:
             set_rnd(self.dataset, seed)
+        if done_in_epoch(engine) and self.rank == 0:
+            if loaded is None:
+                logging.getLogger(__name__).warning(
+                    f"Resuming after iteration {done_in_epoch(engine)} of epoch {engine.state.epoch} from a checkpoint without the "
+                    "random generators' state: the rest of the epoch draws other equivariance transforms than the uninterrupted run."
+                )
+            self._restore = loaded
+
+    def _restore_mid_epoch(self, engine: Engine) -> None:
+        if self._restore is not None:
+            set_global_rng_state(self._restore)
+            self._restore = None
+
+    def state_dict(self) -> dict:
+        return {"rng": global_rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded = state_dict["rng"]
 
 
 class EvaluatorState:
@@ -268,9 +449,9 @@ class EvaluatorState:
     MONAI keeps ``state.best_metric`` and ``state.best_metric_epoch`` in the evaluator, and the
     key-metric ``CheckpointSaver`` the score of the file it wrote, in memory only: a resumed run
     starts both from "nothing yet", and its first validation would replace the best model
-    (``best_val_attention_dice.pt``, and ``model.pt`` via :class:`ExportAttentionNetwork` with
-    ``best_only``) even when it is worse. Put this object in the trainer's
-    ``CheckpointSaver.save_dict`` and ``CheckpointLoader.load_dict``.
+    (``model.pt`` via :class:`ExportAttentionNetwork` with ``best_only``, and the file of a key-metric
+    ``CheckpointSaver``) even when it is worse. Put this object in the trainer's checkpoint
+    ``save_dict`` and the ``load_dict`` of :class:`ResumeCheckpointLoader`.
 
     ``state_dict()`` is ``{name: {"best_metric": float, "best_metric_epoch": int (-1: none yet),
     "saved": [[score, filename], ...]}}`` (``saved``: the key-metric files of that evaluator's saver).
@@ -348,7 +529,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
     running tau, optimiser moments). Loading happens at the trainer's ``STARTED``, as in MONAI.
 
     Args:
-        load_path: the checkpoint (``checkpoint_epoch=N.pt`` or ``checkpoint_final.pt``).
+        load_path: the checkpoint (``runs/<name>/checkpoints/checkpoint_latest.pt``).
         load_dict: name -> object with ``load_state_dict``.
         optional: names of ``load_dict`` that older checkpoints lack (e.g. the evaluators' best
             metric): skipped with a warning.
@@ -378,13 +559,13 @@ class ResumeCheckpointLoader(CheckpointLoader):
         if missing:
             raise ValueError(
                 f"resume_from={path}: not a training checkpoint of this workflow: no {missing} (it has {sorted(map(str, checkpoint))}). "
-                "Resume from runs/<name>/checkpoints/checkpoint_epoch=N.pt or checkpoint_final.pt (model.pt holds F alone)."
+                "Resume from runs/<name>/checkpoints/checkpoint_latest.pt (model.pt holds F alone)."
             )
         bad = non_finite_entries({k: checkpoint[k] for k in self.load_dict if k in checkpoint})
         if bad:
             raise FloatingPointError(
                 f"resume_from={path}: refusing to resume from non-finite (NaN/Inf) values in {len(bad)} entries, e.g. {bad[:4]}. "
-                "Resume from an earlier checkpoint (checkpoint_epoch=N.pt)."
+                "Train from the start (without --resume_from) or resume from another checkpoint."
             )
         return checkpoint
 
@@ -408,9 +589,3 @@ class ResumeCheckpointLoader(CheckpointLoader):
             )
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored {sorted(load_dict)} from {self.load_path}")
-
-
-"""The keys of the post-processing that split a binary mask (``custom.inference.postprocess.mask_to_instances``)."""
-
-
-"""Per-image scores of :class:`ErrorAnalysisReport`, in [0, 1]."""

@@ -184,14 +184,13 @@ class BalancedMagnificationBatchSampler(Sampler):
             raise ValueError(f"BalancedMagnificationBatchSampler: rank must be in [0, world_size), got rank={rank}, world_size={world_size}.")
         self.batch_size, self.num_batches, self.seed = int(batch_size), int(num_batches), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.epoch, self.start = 0, 0
+        self.epoch = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Choose the epoch (0-based) whose order the next iteration yields, from its batch
-        ``start`` on (a run resumed in the middle of an epoch skips the batches it has done)."""
-        if not 0 <= int(start) < self.num_batches:
-            raise ValueError(f"start batch must be in [0, {self.num_batches}), got {start}.")
-        self.epoch, self.start = int(epoch), int(start)
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (0-based) whose order the next iteration yields. (A run resumed in the
+        middle of an epoch draws the epoch's done batches again and drops them:
+        :class:`custom.training.handlers.BatchSamplerEpochHandler`.)"""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -209,8 +208,8 @@ class BalancedMagnificationBatchSampler(Sampler):
         # asked for. Not after the last one: a loader stopped after ``num_batches`` (Ignite's
         # epoch_length) finishes this generator only at the next epoch, after its set_epoch, which an
         # increment there would undo (the next epoch would then draw epoch e + 1's order, a resumed run e's).
-        epoch, start = self.epoch, self.start
-        self.epoch, self.start = epoch + 1, 0
+        epoch = self.epoch
+        self.epoch = epoch + 1
         rng = np.random.default_rng((self.seed, epoch))
         pools: list[list[int]] = [[] for _ in range(self.num_magnifications)]
         for b in range(self.num_batches):
@@ -221,8 +220,7 @@ class BalancedMagnificationBatchSampler(Sampler):
                         pools[m] = rng.permutation(self.class_sizes[m]).tolist()
                     batch.append(self.offsets[m] + pools[m].pop())
             batch = [batch[i] for i in rng.permutation(len(batch))]
-            if b >= start:  # skipped batches are still drawn: the later ones stay those of the full epoch
-                yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
 
 def reinhard_target(
@@ -233,6 +231,3 @@ def reinhard_target(
     if reference:
         return reinhard_stats([load_rgb(reference)], brightness_percentile)
     return reinhard_stats(images, brightness_percentile)
-
-
-"""What every model exported before bundle 0.5.0 (which stored no ``stain_settings``) was trained with."""

@@ -30,6 +30,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Dataset
+
+from custom.atomic_write import write_atomic
+from custom.command_line import flag
+from custom.transforms import reinhard_source_stats
 from custom.wsi.slide import (
     MagnificationUnavailable,
     Slide,
@@ -39,10 +44,6 @@ from custom.wsi.slide import (
     magnification_to_mpp,
 )
 from custom.wsi.tissue import TissueParams, tissue_mask
-from torch.utils.data import Dataset
-
-from custom.command_line import flag
-from custom.transforms import reinhard_source_stats
 
 __all__ = ['SlideWindowDataset', 'WSITileDataset', 'slide_stain_stats', 'tile_coverage']
 
@@ -221,10 +222,8 @@ class WSITileDataset(Dataset):
         else:
             self.tiles = self._scan()
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(cache.stem + ".partial.npz")
-                np.savez(tmp, **{f"m{i}": t for i, t in enumerate(self.tiles)})
-                tmp.replace(cache)
+                arrays = {f"m{i}": t for i, t in enumerate(self.tiles)}
+                write_atomic(cache, lambda tmp: _save_npz(tmp, arrays))
                 logger.info("tile index: %s (written)", cache)
         empty = [f"{m:g}x" for m, t in zip(self.magnifications, self.tiles) if len(t) == 0]
         if empty:
@@ -490,3 +489,9 @@ class SlideWindowDataset(Dataset):
         if self.stain[si] is not None:
             item["stain"] = self.stain[si]
         return self.transform(item) if self.transform is not None else item
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    """``np.savez`` to exactly ``path`` (given a name, numpy would append ".npz" to the temporary name)."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)

@@ -11,7 +11,7 @@ map into those records and writes them safely.
   (``objectType`` ``"detection"``, ``classification`` with ``name``/``color``,
   ``measurements`` as a ``{name: value}`` object);
 - :class:`GeoJSONWriter`, :class:`NucleusCSVWriter`: streaming writers that write to
-  ``<path>.partial`` and rename to ``path`` only on a successful ``close()``, so a
+  ``<path>.tmp`` and rename to ``path`` only on a successful ``close()``, so a
   failed run never leaves a complete-looking file behind.
 
 Coordinates: pixel ``(r, c)`` covers ``x in [c, c + 1]``, ``y in [r, r + 1]`` (pixel-edge
@@ -28,12 +28,13 @@ import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 from skimage.color import rgb2hed
 from skimage.measure import regionprops
+
+from custom.atomic_write import AtomicTextWriter
 
 __all__ = ['instance_polygons', 'nucleus_measurements', 'nucleus_feature', 'GeoJSONWriter', 'NucleusCSVWriter', 'CSV_COLUMNS']
 
@@ -276,65 +277,10 @@ def nucleus_feature(polygon, measurements: Mapping[str, float] | None = None, ob
     }
 
 
-class _AtomicWriter:
-    """Writes ``<path>.partial``; ``close()`` renames it to ``path``, ``abort()`` deletes it."""
-
-    _newline: str | None = None
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.count = 0
-        self._file = open(self.partial, "w", encoding="utf-8", newline=self._newline)
-        self._state = "open"
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise ValueError(f"{type(self).__name__} for {self.path} is {self._state}")
-
-    def _footer(self) -> str:
-        return ""
-
-    def close(self) -> Path:
-        """Finish the file, flush, fsync and rename ``<path>.partial`` to ``path``; returns ``path``."""
-        if self._state == "closed":
-            return self.path
-        self._check_open()
-        try:
-            self._file.write(self._footer())
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self.partial, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "closed"
-        return self.path
-
-    def abort(self) -> None:
-        """Close and delete ``<path>.partial``; ``path`` is left untouched."""
-        if self._state == "closed":
-            return
-        self._file.close()
-        self.partial.unlink(missing_ok=True)
-        self._state = "aborted"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
-
-
-class GeoJSONWriter(_AtomicWriter):
+class GeoJSONWriter(AtomicTextWriter):
     """Streaming GeoJSON FeatureCollection writer, one feature per line.
 
-    ``GeoJSONWriter(path)`` opens ``<path>.partial``; ``add(feature)`` appends a feature
+    ``GeoJSONWriter(path)`` opens ``<path>.tmp``; ``add(feature)`` appends a feature
     dict (serialised with ``json.dumps``, NaN rejected); ``count`` is the number
     written; ``close()`` renames to ``path`` (valid JSON, also with 0 features);
     ``abort()`` deletes the partial. As a context manager it closes on success and
@@ -356,10 +302,10 @@ class GeoJSONWriter(_AtomicWriter):
         return "\n]}\n"
 
 
-class NucleusCSVWriter(_AtomicWriter):
+class NucleusCSVWriter(AtomicTextWriter):
     """Streaming per-nucleus CSV writer with columns :data:`CSV_COLUMNS`.
 
-    Same contract as :class:`GeoJSONWriter` (``<path>.partial`` + rename on ``close()``,
+    Same contract as :class:`GeoJSONWriter` (``<path>.tmp`` + rename on ``close()``,
     ``abort()``, context manager, ``count``). Centroids are written with 2 decimals,
     measurements with 6 significant digits; a missing or non-finite measurement is an
     empty field.

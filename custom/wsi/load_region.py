@@ -25,13 +25,13 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
-from custom.wsi.datasets import slide_stain_stats
-from custom.wsi.slide import Slide, magnification_to_mpp
-from custom.wsi.tissue import TissueParams, tissue_mask
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from custom.command_line import flag
+from custom.wsi.datasets import slide_stain_stats
+from custom.wsi.slide import Slide, magnification_to_mpp
+from custom.wsi.tissue import TissueParams, tissue_mask
 
 __all__ = ['LoadRegiond', 'region_box']
 

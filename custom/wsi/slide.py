@@ -18,9 +18,10 @@ fine and resized with antialiasing, so no level is ever loaded whole.
 Which reader opens a file (see :class:`Slide`):
 
 * whole-slide formats (svs, ndpi, ...) and tiled 8-bit RGB TIFFs: the backend (cuCIM or OpenSlide);
-* untiled (stripped) ``.tif``/``.tiff`` files and those that are not 8-bit RGB (16-bit, RGBA, CMYK,
-  palette): tifffile, by regions: only the strips or tiles that overlap a region
-  are read and decoded (uncompressed single-strip data is memory-mapped), with a
+* untiled (stripped) ``.tif``/``.tiff`` files, those that are not 8-bit RGB (16-bit, RGBA, CMYK,
+  palette) and those with separate colour planes (which cuCIM misreads): tifffile, by regions
+  (the backends cannot read these by regions, or at all): only the strips or tiles that overlap a region
+  are read and decoded (uncompressed contiguous data is memory-mapped), with a
   bounded cache of decoded segments (:data:`TIFF_CACHE_BYTES`), so a TIFF of any
   size can be segmented;
 * PNG, JPEG and BMP: Pillow, which can only decode them whole, so they are refused
@@ -44,11 +45,10 @@ become RGB.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,14 +126,20 @@ def mpp_to_magnification(mpp: float) -> float:
 
 
 def _positive(value, name: str) -> float | None:
+    """``value`` of the option ``--name`` as a positive number, or None. A decimal comma is refused
+    with the option's name: the command line (Fire) reads ``--mpp 0,25`` as the pair ``(0, 25)``."""
     if value is None:
         return None
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int and v >= 0 for v in value):
+        value = f"{value[0]},{value[1]}"
+    if isinstance(value, str) and "," in value:
+        raise ValueError(f"--{name}: {value!r} is not a number (use a decimal point: {value.strip().replace(',', '.')}).")
     try:
         v = float(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a positive number, got {value!r}.") from e
+    except (TypeError, ValueError):
+        v = math.nan  # raised below, outside this handler: the message is the root cause, not float()'s
     if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        raise ValueError(f"--{name} must be a positive number, got {value!r}.")
     return v
 
 
@@ -278,11 +284,7 @@ def _open_tiff(path: Path):
                 name, valid = _SEGMENT_HEADERS[int(page.compression)]
                 present = np.flatnonzero(counts > 1)
                 picks = present[np.unique(np.linspace(0, len(present) - 1, min(HEADER_CHECKS_PER_PAGE, len(present))).round().astype(int))]
-                bad = 0
-                with fh.lock:
-                    for i in picks:
-                        fh.seek(int(offsets[i]))
-                        bad += not valid(fh.read(8))
+                bad = sum(not valid(head or b"") for head, _ in fh.read_segments(offsets[picks], np.minimum(counts[picks], 8), lock=fh.lock))
                 if bad:
                     raise SlideError(f"{path}: the file is corrupt: {bad} of {len(picks)} {name} tiles checked on its page {page.index} "
                                      f"({page.imagelength}x{page.imagewidth}) do not start with a {name} header. Copy the slide again.")
@@ -324,10 +326,24 @@ def _grayscale(path: Path, what: str) -> SlideError:
                       "the tissue detection use the stain colours). Segment the original RGB image.")
 
 
+def _decode_segment(pages: list, fh, level: int, index: int) -> np.ndarray | None:
+    """Strip or tile ``index`` of ``pages[level]`` decoded by tifffile: ``(depth, length, width, contig)``, None when empty."""
+    page, count = pages[level], int(pages[level].databytecounts[index])
+    with fh.lock:
+        fh.seek(int(page.dataoffsets[index]))
+        data = fh.read(count) if count else None
+    segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
+    return None if segment is None else segment.reshape(shape)
+
+
 class _TiffRegions:
     """Regions of a TIFF read with tifffile: only the strips or tiles overlapping a region are
-    read and decoded (kept in an LRU cache of :data:`TIFF_CACHE_BYTES`); uncompressed
-    contiguous data is memory-mapped. Pixels are converted to 8-bit RGB (see :class:`Slide`).
+    read and decoded by tifffile (``TiffPage.decode``; kept in an LRU cache of about
+    :data:`TIFF_CACHE_BYTES`); data that tifffile can memory-map is memory-mapped. Pixels are
+    converted to 8-bit RGB (see :class:`Slide`).
+
+    tifffile reads a region without decoding the whole page only through Zarr (``aszarr``), which
+    is not a dependency; MONAI's ``TiffFileWSIReader`` decodes the whole level for every patch.
 
     Args:
         path: the TIFF.
@@ -355,9 +371,11 @@ class _TiffRegions:
                                and pg.photometric == page.photometric and pg.dtype == page.dtype]
         self.level_dims = [(int(pg.imagelength), int(pg.imagewidth)) for pg in self.pages]
         self.conversion, self._convert = self._conversion(page)
+        largest = 1  # bytes of the largest decoded segment
         for level, pg in enumerate(self.pages):
             # a compressed strip or tile is decoded whole: one spanning the image is the whole level
             seg = int(pg.tilelength) * int(pg.tilewidth) if pg.is_tiled else min(int(pg.rowsperstrip or pg.imagelength), int(pg.imagelength)) * int(pg.imagewidth)
+            largest = max(largest, seg * int(pg.shaped[-1]) * np.dtype(pg.dtype).itemsize)
             if pg.compression != 1 and seg > MAX_WHOLE_IMAGE_PIXELS:
                 raise SlideError(
                     f"{path}: level {level} is stored in compressed {'tiles' if pg.is_tiled else 'strips'} of {seg / 1e6:.0f} megapixels, "
@@ -371,11 +389,8 @@ class _TiffRegions:
                     raise _UndecodableTiff(f"{path}: its {tifffile.COMPRESSION(pg.compression).name} compression cannot be decoded here "
                                      f"({str(e).strip(chr(39))}): install imagecodecs (pip install imagecodecs), or convert it to a tiled "
                                      "pyramidal TIFF (vips tiffsave --tile --pyramid).") from e
-        self._lock = threading.Lock()
-        self._cache: OrderedDict = OrderedDict()
-        self._cached_bytes = 0
-        self._memmaps: dict[int, np.ndarray] = {}
-        self.byteorder = tif.byteorder
+        self._segment = functools.lru_cache(max(1, TIFF_CACHE_BYTES // largest))(functools.partial(_decode_segment, self.pages, tif.filehandle))
+        self._memmaps = [pg.asarray(out="memmap", squeeze=False) if pg.is_memmappable else None for pg in self.pages]
 
     def _conversion(self, page) -> tuple[str, callable]:
         """(description, function from a normalised ``(samples, h, w, contig)`` region to uint8 ``(h, w, 3)``)."""
@@ -414,40 +429,11 @@ class _TiffRegions:
             return "", lambda r: np.ascontiguousarray(depth(r[..., :3]))
         raise SlideError(f"{self.path}: unsupported pixel format (TIFF {what}); convert it to 8-bit RGB.")
 
-    def _segment(self, level: int, index: int) -> np.ndarray | None:
-        """Decoded segment ``(depth, length, width, contig)`` of a level page, through the cache."""
-        key = (level, index)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        page = self.pages[level]
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        fh = self.tif.filehandle
-        data = None
-        if count:
-            with fh.lock:
-                fh.seek(offset)
-                data = fh.read(count)
-        segment, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-        if segment is not None:
-            segment = segment.reshape(shape)
-            with self._lock:
-                self._cache[key] = segment
-                self._cached_bytes += segment.nbytes
-                while self._cached_bytes > TIFF_CACHE_BYTES and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
-                    self._cached_bytes -= old.nbytes
-        return segment
-
     def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Raw samples of a region: ``(separate samples, h, w, contig samples)`` in the page's dtype."""
         page = self.pages[level]
         planes, _, height, width, contig = page.shaped
-        if not page.is_tiled and page.is_contiguous and (page.compression == 1):
-            if level not in self._memmaps:
-                self._memmaps[level] = np.memmap(self.path, dtype=np.dtype(page.dtype).newbyteorder(self.byteorder), mode="r",
-                                                 offset=int(page.dataoffsets[0]), shape=tuple(page.shaped))
+        if self._memmaps[level] is not None:
             return np.asarray(self._memmaps[level][:, 0, y : y + h, x : x + w, :], dtype=page.dtype)
         seg_h, seg_w = (page.tilelength, page.tilewidth) if page.is_tiled else (min(int(page.rowsperstrip), height), width)
         down, across = -(-height // seg_h), -(-width // seg_w)
@@ -473,7 +459,7 @@ class _TiffRegions:
 
     def close(self) -> None:
         self._memmaps.clear()
-        self._cache.clear()
+        self._segment.cache_clear()
         self.tif.close()
 
 
@@ -554,7 +540,8 @@ class Slide:
             tif, undecodable = None, e
         if tif is not None:
             page = tif.pages[0]
-            rgb8 = int(page.photometric) in (2, 6) and page.samplesperpixel == 3 and np.dtype(page.dtype) == np.uint8
+            # cuCIM misreads tiles stored as separate colour planes (planar configuration 2): tifffile reads those
+            rgb8 = int(page.photometric) in (2, 6) and page.samplesperpixel == 3 and np.dtype(page.dtype) == np.uint8 and int(page.planarconfig) == 1
             if (page.is_tiled and rgb8) or suffix not in _PLAIN_TIFF_SUFFIXES:  # a whole-slide format or tiled RGB: the backend
                 tif.close()
             else:  # an untiled or non-RGB8 plain TIFF: tifffile, by regions

@@ -7,6 +7,10 @@ maps into stitched nuclei and writes, per slide::
     <name>_instances.png    labelled instance map (plain-image inputs only; uint16 PNG, or .tiff int32 above 65535 nuclei)
     <name>.json             run summary (slide, magnification, tissue area, nuclei, seconds, settings), written LAST
 
+A slide's ``seconds`` count from the start of the inference run (the first slide) or the end
+of the previous slide, so they include reading and inferring its first window; the progress
+bar of a slide opens at the same moment, before its first window is read.
+
 Every file is written under a temporary name and renamed when complete; the
 summary comes last and lists the others, so a slide counts as done only when its
 summary exists and every file it lists is there (:func:`complete_slides`).
@@ -29,6 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from custom.atomic_write import write_atomic
+from custom.evaluation.reports import OUTLINE_WIDTH, _items
 from custom.inference.postprocess import attention_to_instances, keep_centred
 from custom.wsi.export import (
     GeoJSONWriter,
@@ -38,12 +48,6 @@ from custom.wsi.export import (
     nucleus_measurements,
 )
 from custom.wsi.slide import Slide, SlideError
-from ignite.engine import Engine, Events
-from PIL import Image, ImageDraw
-from tqdm import tqdm
-
-from custom.atomic_write import write_atomic
-from custom.evaluation.reports import _items
 
 __all__ = ['SlideNucleiWriter', 'complete_slides', 'slide_outputs']
 
@@ -87,10 +91,11 @@ def _np(x) -> np.ndarray:
 class _SlideRun:
     """Open outputs of one slide while its windows arrive."""
 
-    def __init__(self, info: dict, output_dir: Path, overlay_size: int):
+    def __init__(self, info: dict, output_dir: Path, overlay_size: int, t0: float, progress: tqdm | None = None):
         self.info = info
         self.paths = slide_outputs(output_dir, info["name"], info["is_image"])
-        self.t0 = time.perf_counter()
+        self.t0 = t0  # the run's start or the end of the previous slide: before this slide's first window was read
+        self.progress = progress
         self.geojson = GeoJSONWriter(self.paths["geojson"])
         self.csv = NucleusCSVWriter(self.paths["csv"])
         backend = info["backend"] if info["backend"] in ("cucim", "openslide") else "cucim"  # Pillow/tifffile files open the same way
@@ -101,7 +106,6 @@ class _SlideRun:
         self.canvas = np.zeros(info["analysis_shape"], np.int32) if info["is_image"] else None
         self.windows_done = 0
         self.next_id = 1
-        self.progress = None
 
     def abort(self) -> None:
         self.geojson.abort()
@@ -133,7 +137,7 @@ class SlideNucleiWriter:
         polygon_tolerance: outline simplification in analysis pixels (Douglas-Peucker; 0: exact pixel edges).
         overlay_size: long side of the overlay picture in pixels.
         image_key, pred_key: batch key of the unnormalised RGB window (uint8 ``(3, h, w)``), output key of the attention.
-        progress: show a progress bar per slide.
+        progress: show a progress bar per slide, opened before its first window is read.
     """
 
     def __init__(self, output_dir: str, slides_info: list[dict], postprocess: dict | None = None, settings: dict | None = None,
@@ -149,6 +153,8 @@ class SlideNucleiWriter:
         self.image_key, self.pred_key, self.progress = image_key, pred_key, progress
         self.runs: dict[int, _SlideRun] = {}
         self.finished: list[str] = []
+        self._clock: float | None = None  # start of the next slide's time: the run's start, then each slide's end
+        self._bars: dict[int, tqdm] = {}  # progress bars opened before their slide's first window arrives
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -160,13 +166,37 @@ class SlideNucleiWriter:
     def _run(self, si: int) -> _SlideRun:
         if si not in self.runs:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            run = self.runs[si] = _SlideRun(self.slides_info[si], self.output_dir, self.overlay_size)
-            if self.progress and run.info["num_windows"]:
-                run.progress = tqdm(total=run.info["num_windows"], desc=run.info["name"], unit="window", leave=True)
+            t0 = self._clock if self._clock is not None else time.perf_counter()
+            info = self.slides_info[si]
+            bar = self._bars.pop(si) if si in self._bars else self._open_bar(info)
+            try:
+                self.runs[si] = _SlideRun(info, self.output_dir, self.overlay_size, t0, bar)
+            except BaseException:
+                if bar is not None:
+                    bar.close()
+                raise
         return self.runs[si]
+
+    def _open_bar(self, info: dict) -> tqdm | None:
+        if not self.progress or not info["num_windows"]:
+            return None
+        return tqdm(total=info["num_windows"], desc=info["name"], unit="window", leave=True)
+
+    def _open_next_bar(self) -> None:
+        """Open the progress bar of the next slide to be segmented (windows come slide by slide,
+        in order), so that it shows before that slide's first window is read and inferred."""
+        if not self.progress:
+            return
+        done = set(self.finished)
+        pending = [info for info in self.slides_info if info["num_windows"] and "error" not in info and info["name"] not in done
+                   and info["index"] not in self.runs]
+        if pending and pending[0]["index"] not in self._bars:
+            self._bars[pending[0]["index"]] = self._open_bar(pending[0])
 
     def _start(self, engine: Engine) -> None:
         self._write_empty_slides()
+        self._clock = time.perf_counter()  # the slides' time starts with the run, before the first window is read
+        self._open_next_bar()
 
     def _write_empty_slides(self) -> None:
         for info in self.slides_info:
@@ -234,7 +264,7 @@ class SlideNucleiWriter:
             run.geojson.add(feature)
             run.csv.add(nid, cx, cy, values)
             ring = np.asarray(polygons[lab], dtype=np.float64) / run.thumb_factor
-            run.draw.line([tuple(p) for p in ring], fill=(255, 230, 0), width=1)
+            run.draw.line([tuple(p) for p in ring], fill=(255, 230, 0), width=OUTLINE_WIDTH, joint="curve")
             if run.canvas is not None:
                 y0, x0 = origin
                 sub = run.canvas[y0 : y0 + labels.shape[0], x0 : x0 + labels.shape[1]]
@@ -282,8 +312,14 @@ class SlideNucleiWriter:
         self.finished.append(info["name"])
         del self.runs[info["index"]]
         logger.info("%s: %d nuclei in %.1f s -> %s", info["name"], summary["nuclei"], summary["seconds"], run.paths["geojson"])
+        if info["num_windows"]:  # the next slide's time and bar start now, before its first window is read
+            self._clock = time.perf_counter()
+            self._open_next_bar()
 
     def _complete(self, engine: Engine) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
         if self.runs:
             names = [r.info["name"] for r in self.runs.values()]
             self._abort(engine)
@@ -297,3 +333,6 @@ class SlideNucleiWriter:
         for run in self.runs.values():
             run.abort()
         self.runs.clear()
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
