@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,9 @@ def train(root: Path, dataset: Path, override: Path, *args: str) -> subprocess.C
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config, "--dataset_dir", str(dataset),
            "--bundle_root", str(root), *TINY, *args]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # SIGINT as in a terminal, where Ctrl-C raises KeyboardInterrupt: a background job (as CI may run) inherits it ignored
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _log(proc: subprocess.CompletedProcess) -> str:

@@ -14,7 +14,6 @@ train.json's keys (``--width`` etc. must match the weights).
 
 from __future__ import annotations
 
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from custom.inference.inferer import TiledAttentionInferer
-from custom.inference.postprocess import attention_to_instances
+from custom.inference.postprocess import PostprocessParams, attention_to_instances
 from custom.model.checkpoint import load_attention_weights
 from custom.model.precision import AUTO_AMP, PRECISION_MODES, precision_modes, resolve_amp_dtype
 
@@ -74,16 +73,15 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here.")
     net = load_attention_weights(parser.get_parsed_content("network_def"), model).eval().to(device)
-    pp = dict(getattr(net, "postprocess", {}) or {})
-    r = pp.get("r")
-    keywords = set(inspect.signature(attention_to_instances).parameters) - {"attention"}  # not a hand-kept copy of the list
-    pp = {k: v for k, v in pp.items() if k in keywords}  # leaves out r and tuned_on
+    stored = dict(getattr(net, "postprocess", {}) or {})
+    r = stored.get("r")
+    pp = PostprocessParams.from_stored(stored).as_dict()  # the stored set over the defaults (r and tuned_on left out)
     x = _image(size).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mp = size * size / 1e6
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"model {model}: width {net.width}, {where}, image {size}x{size} ({mp:.2f} MP), "
-          f"roi {roi}, sigmoid slope r {r or 'of the network'}, post-processing {pp or 'paper defaults'}")
+          f"roi {roi}, sigmoid slope r {r or 'of the network'}, post-processing {pp}")
     print(f"amp_dtype {AUTO_AMP!r} picks {resolve_amp_dtype(device, AUTO_AMP) or 'float32'} on this device")
     print("| precision | TTA | network s/image | network MP/s | + post-processing s/image | + post-processing MP/s |")
     print("| --- | --- | --- | --- | --- | --- |")
