@@ -63,7 +63,7 @@ class PostprocessParams:
     """The post-processing parameters, with their defaults (the paper's pipeline) in this one place.
 
     A model file stores the set tuned for it (``scripts/tune_postprocess.py --write_model``);
-    :meth:`for_model` reads it, and the bundle's ``postprocess`` config key overrides single
+    :meth:`from_stored` reads it, and the bundle's ``postprocess`` config key overrides single
     values (``--postprocess '{"min_size": 50}'``). Every consumer (evaluation, inference, whole slides,
     MONAI Label) takes the resulting dict. Fields: see :func:`attention_to_instances` and
     :func:`mask_to_instances`.
@@ -112,8 +112,9 @@ class PostprocessParams:
 
     @classmethod
     def from_stored(cls, stored: Mapping | None, overrides: Mapping | None = None) -> PostprocessParams:
-        """The set a model stores (``network.postprocess``; its records ``r`` (the sigmoid slope it was tuned at) and
-        ``tuned_on`` left out), updated by ``overrides`` (the ``postprocess`` config key)."""
+        """The set a model stores (``network.postprocess``, without the records :data:`STORED_RECORDS`:
+        the sigmoid slope ``r`` it was tuned at and ``tuned_on``), updated by ``overrides`` (the
+        ``postprocess`` config key)."""
         stored = {k: v for k, v in dict(stored or {}).items() if k not in STORED_RECORDS}
         return cls.from_mapping({**stored, **dict(overrides or {})}, "postprocess")
 
