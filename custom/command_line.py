@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ['check_bundle_root', 'check_overrides', 'flag', 'install_excepthook', 'print_root_cause', 'refuse_none_values',
+__all__ = ['cause_chain', 'check_bundle_root', 'check_overrides', 'flag', 'install_excepthook', 'print_root_cause', 'refuse_none_values',
            'refuse_unknown_keys', 'root_cause']
 
 
@@ -179,13 +179,18 @@ def check_bundle_root(bundle_root, *paths) -> None:
         )
 
 
+def cause_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and its explicit causes (``raise ... from e``), outermost first (a cycle ends it)."""
+    chain, seen = [error], {id(error)}
+    while chain[-1].__cause__ is not None and id(chain[-1].__cause__) not in seen:
+        chain.append(chain[-1].__cause__)
+        seen.add(id(chain[-1]))
+    return chain
+
+
 def root_cause(error: BaseException) -> BaseException:
     """The innermost exception of ``error``'s chain of explicit causes (``raise ... from e``)."""
-    seen = {id(error)}
-    while error.__cause__ is not None and id(error.__cause__) not in seen:
-        error = error.__cause__
-        seen.add(id(error))
-    return error
+    return cause_chain(error)[-1]
 
 
 def print_root_cause(kind, value, tb) -> None:

@@ -84,11 +84,10 @@ def error_message(e: BaseException) -> str:
     """What to tell the user about an exception the bundle may have wrapped: the first
     ``custom.wsi.slide.SlideError`` in its chain of causes (it names the input and what to do),
     else the root cause."""
+    from custom.command_line import cause_chain
     from custom.wsi.slide import SlideError
 
-    chain = [e]
-    while chain[-1].__cause__ is not None and len(chain) < 100:
-        chain.append(chain[-1].__cause__)
+    chain = cause_chain(e)
     return str(next((c for c in chain if isinstance(c, SlideError)), chain[-1]))
 
 

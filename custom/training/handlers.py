@@ -22,9 +22,9 @@ from custom.command_line import flag
 from custom.model.checkpoint import save_attention_network
 from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ['AttentionMapTensorBoardHandler', 'BatchSamplerEpochHandler', 'EpochSeedHandler', 'EvaluatorState', 'ExportAttentionNetwork',
+__all__ = ['AttentionMapTensorBoardHandler', 'BatchSamplerEpochHandler', 'at_epoch_end', 'EpochSeedHandler', 'EvaluatorState', 'ExportAttentionNetwork',
            'LatestCheckpointSaver', 'NonFiniteStopBarrier', 'ProgressBar', 'ResumeCheckpointLoader', 'attach_checkpoint_saver', 'epoch_seed',
-           'global_rng_state', 'non_finite_entries', 'set_global_rng_state', 'unwrap', 'write_atomic']
+           'global_rng_state', 'non_finite_entries', 'set_global_rng_state', 'unwrap']
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -119,6 +119,12 @@ def done_in_epoch(engine: Engine) -> int:
     return engine.state.iteration - (engine.state.epoch - 1) * length if length else 0
 
 
+def at_epoch_end(engine: Engine) -> bool:
+    """Whether the iteration just completed is the last of its epoch."""
+    length = engine.state.epoch_length
+    return bool(length) and engine.state.iteration % length == 0
+
+
 class BatchSamplerEpochHandler:
     """Tells a batch sampler with ``set_epoch`` which epoch starts (0-based), so a
     resumed run draws the same batches as an uninterrupted one.
@@ -204,8 +210,7 @@ class LatestCheckpointSaver:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
     def _iteration_completed(self, engine: Engine) -> None:
-        length = engine.state.epoch_length
-        if length and engine.state.iteration % length == 0:
+        if at_epoch_end(engine):
             return  # the epoch's last iteration: saved at EPOCH_COMPLETED, after the validation
         self.save(engine)
 
@@ -250,8 +255,7 @@ class ProgressBar:
         bar.attach(engine, output_transform=self.output_transform)
 
         def close_after_last_iteration(engine: Engine) -> None:  # before EPOCH_COMPLETED's log lines and validation
-            length = engine.state.epoch_length
-            if length and engine.state.iteration % length == 0:
+            if at_epoch_end(engine):
                 bar._close(engine)
 
         engine.add_event_handler(Events.ITERATION_COMPLETED, close_after_last_iteration)

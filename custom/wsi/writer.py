@@ -317,9 +317,7 @@ class SlideNucleiWriter:
             self._open_next_bar()
 
     def _complete(self, engine: Engine) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
+        self._close_pending_bars()
         if self.runs:
             names = [r.info["name"] for r in self.runs.values()]
             self._abort(engine)
@@ -333,6 +331,10 @@ class SlideNucleiWriter:
         for run in self.runs.values():
             run.abort()
         self.runs.clear()
+        self._close_pending_bars()
+
+    def _close_pending_bars(self) -> None:
+        """Close the bars opened ahead for slides whose first window never came."""
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
