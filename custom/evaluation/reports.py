@@ -27,10 +27,10 @@ from custom.evaluation.metrics import (
 )
 from custom.inference.postprocess import mask_to_instances
 
-__all__ = ['ErrorAnalysisReport', 'EvaluationReport', 'OverlayWriter']
+__all__ = ['ErrorAnalysisReport', 'EvaluationReport', 'OverlayWriter', 'OUTLINE_WIDTH', 'engine_items', 'outlines']
 
 
-def _items(engine: Engine) -> list[tuple[dict, dict]]:
+def engine_items(engine: Engine) -> list[tuple[dict, dict]]:
     """(batch item, output item) pairs of the last iteration, decollated or not."""
     batch, output = engine.state.batch, engine.state.output
     if isinstance(output, dict):  # not decollated: split along the batch dimension
@@ -84,7 +84,7 @@ class _PerImageReport:
         raise NotImplementedError
 
     def _collect(self, engine: Engine) -> None:
-        for item, out in _items(engine):
+        for item, out in engine_items(engine):
             gt, pred = _numpy_2d(out[self.label_key]).astype(np.int64), _numpy_2d(out[self.pred_key]).astype(np.int64)
             self.rows.append({"id": str(item.get(self.id_key, len(self.rows))), **self.analyse(gt, pred)})
 
@@ -262,7 +262,7 @@ class OverlayWriter:
             old.unlink()
 
     def __call__(self, engine: Engine) -> None:
-        for k, (item, out) in enumerate(_items(engine)):
+        for k, (item, out) in enumerate(engine_items(engine)):
             rgb = item[self.image_key]
             rgb = rgb.detach().cpu().numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
             canvas = np.moveaxis(rgb, 0, -1).astype(np.uint8).copy()

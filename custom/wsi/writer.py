@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from custom.atomic_write import write_atomic
-from custom.evaluation.reports import OUTLINE_WIDTH, _items
+from custom.evaluation.reports import OUTLINE_WIDTH, engine_items
 from custom.inference.postprocess import attention_to_instances, keep_centred
 from custom.wsi.export import (
     GeoJSONWriter,
@@ -221,7 +221,7 @@ class SlideNucleiWriter:
                              f"written):\n" + "\n".join(f"  {info['error']}" for info in failed))
 
     def __call__(self, engine: Engine) -> None:
-        for item, out in _items(engine):
+        for item, out in engine_items(engine):
             si, wi = int(_np(item["slide"])), int(_np(item["window"]))
             run = self._run(si)
             attention = _np(out[self.pred_key]).astype(np.float32)
