@@ -23,6 +23,7 @@ pointing down, this looks clockwise).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 from skimage.color import rgb2hed
-from skimage.measure import regionprops
+from skimage.measure import inertia_tensor, inertia_tensor_eigvals, moments_central
 
 from custom.atomic_write import AtomicTextWriter
 
@@ -93,67 +94,183 @@ def _trace_outer(mask: np.ndarray) -> np.ndarray:
     return xy[d_in[:, 0] * d_out[:, 1] != d_in[:, 1] * d_out[:, 0]]
 
 
-def _simplify(xy: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker on the closed ring through the (N, 2) vertices ``xy`` (not closed).
+def _ring_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed pixel-boundary edges of every instance of ``labels`` at once.
+
+    Returns ``(label, start, end)`` int64 arrays, one entry per edge, sorted by label; corners
+    are numbered ``row * (W + 1) + column`` in ``labels``' edge coordinates. Edges go as in
+    :func:`_trace_outer` (interior on the right when y points down, so rings have positive
+    shoelace area): top (c, r) -> (c+1, r), right (c+1, r) -> (c+1, r+1), bottom
+    (c+1, r+1) -> (c, r+1), left (c, r+1) -> (c, r).
+    """
+    h, w = labels.shape
+    w1 = w + 1
+    p = np.pad(labels, 1)
+    lab = p[1:-1, 1:-1]
+    parts = []
+    for neighbour, start, end in (
+        (p[:-2, 1:-1], (0, 0), (0, 1)),  # top
+        (p[1:-1, 2:], (0, 1), (1, 1)),  # right
+        (p[2:, 1:-1], (1, 1), (1, 0)),  # bottom
+        (p[1:-1, :-2], (1, 0), (0, 0)),  # left
+    ):
+        r, c = np.nonzero((lab != neighbour) & (lab > 0))
+        parts.append((lab[r, c], (r + start[0]) * w1 + c + start[1], (r + end[0]) * w1 + c + end[1]))
+    labs, starts, ends = (np.concatenate([q[i] for q in parts]).astype(np.int64) for i in range(3))
+    order = np.argsort(labs, kind="stable")
+    return labs[order], starts[order], ends[order]
+
+
+def _trace_all(labels: np.ndarray, objects: list) -> dict[int, np.ndarray]:
+    """:func:`_trace_outer` of every instance, traced together on the whole map.
+
+    An instance whose boundary edges form one closed loop (one 4-connected piece without
+    holes: then every corner has one outgoing edge) is traced from its top-left corner, as
+    :func:`_trace_outer` does, by list ranking over all instances' edges at once (pointer
+    doubling: log2 of the longest loop numpy steps); any other instance (several pieces,
+    holes, pixels touching only at a corner) is handed to :func:`_trace_outer` itself.
+    Returns ``{label: (N, 2) int array of (x, y) corners in labels' edge coordinates}``
+    (not closed, collinear vertices removed).
+    """
+    w1 = labels.shape[1] + 1
+    labs, starts, ends = _ring_edges(labels)
+    if not len(labs):
+        return {}
+    n_corners = (labels.shape[0] + 1) * w1
+    keys = labs * n_corners + starts  # a corner of one instance: instances that touch share corners, not edges
+    order = np.argsort(keys, kind="stable")
+    labs, starts, keys, end_keys = labs[order], starts[order], keys[order], (labs * n_corners + ends)[order]
+    first = np.concatenate([[0], np.flatnonzero(np.diff(labs)) + 1])  # each instance's top-left corner: its smallest key
+    counts = np.diff(np.append(first, len(labs)))
+    nxt = np.minimum(np.searchsorted(keys, end_keys), len(keys) - 1)
+    closes = keys[nxt] == end_keys  # every edge leads to an edge of the same instance (else: not one loop)
+    # list ranking: cut each loop before its first edge, then rank = steps to the loop's last edge
+    owner = np.repeat(np.arange(len(first)), counts)
+    tail = nxt == first[owner]
+    nxt = np.where(tail | ~closes, np.arange(len(keys)), nxt)
+    rank = (~tail & closes).astype(np.int64)
+    for _ in range(int(counts.max()).bit_length()):
+        rank += rank[nxt]
+        nxt = nxt[nxt]
+    # one loop through all of an instance's edges: its first edge is count - 1 steps from the end, corners distinct
+    unique = np.append(keys[1:] != keys[:-1], True)
+    good = (rank[first] == counts - 1) & np.logical_and.reduceat(unique & closes, first)
+    ordered = np.lexsort((-rank, owner))  # each instance's edges from its first one, in loop order
+    corner = starts[ordered]
+    xy = np.stack([corner % w1, corner // w1], axis=1)
+    seg, pos = _segments(counts)
+    prev = first[seg] + (pos - 1) % counts[seg]
+    succ = first[seg] + (pos + 1) % counts[seg]
+    d_in, d_out = xy - xy[prev], xy[succ] - xy
+    turn = d_in[:, 0] * d_out[:, 1] != d_in[:, 1] * d_out[:, 0]  # collinear vertices removed
+    out: dict[int, np.ndarray] = {}
+    for k, (lab, f, n) in enumerate(zip(labs[first].tolist(), first.tolist(), counts.tolist())):
+        if good[k]:
+            out[lab] = xy[f : f + n][turn[f : f + n]]
+        else:  # not one simple loop: the general route
+            sl = objects[lab - 1]
+            out[lab] = _trace_outer(labels[sl] == lab) + np.array([sl[1].start, sl[0].start])
+    return out
+
+
+def _segments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For segments of the given lengths (all > 0) laid end to end: each element's segment
+    number and its position within the segment."""
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return seg, np.arange(int(lengths.sum())) - starts[seg]
+
+
+def _simplify_all(rings: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Douglas-Peucker on each closed ring through the (N, 2) integer vertices of ``rings``
+    (not closed), all rings together; returns each ring's kept vertices.
 
     The algorithm and distance of ``skimage.measure.approximate_polygon`` applied to the
-    closed ring (perpendicular distance where the projection falls inside the chord,
-    else distance to the nearer end), in plain Python: skimage's per-step numpy
-    overhead dominates for rings of a few dozen vertices. Returns the kept vertices.
+    closed ring: the farthest vertex of a chord (the first of equals) is kept while its
+    distance exceeds ``tolerance``, perpendicular where the projection falls inside the chord,
+    else to the nearer end. Every chord still open is processed in one vectorised step, so the
+    cost is a few numpy calls per level of the recursion, not per vertex. Distances are
+    computed as ``math.hypot``-based scalar code would (``sqrt(dx*dx + dy*dy)`` of integer
+    differences is the correctly rounded hypot, which ``math.hypot`` returns for them: checked
+    exhaustively for differences up to 1500 pixels), so the kept vertices are the same.
     """
-    pts = xy.tolist()
-    pts.append(pts[0])
-    keep = [False] * len(pts)
-    keep[0] = keep[-1] = True
-    stack = [(0, len(pts) - 1)]
-    while stack:
-        s, e = stack.pop()
-        if e - s < 2:
-            continue
-        (x0, y0), (x1, y1) = pts[s], pts[e]
-        dx, dy = x1 - x0, y1 - y0
-        length = math.hypot(dx, dy)
-        best, at = -1.0, -1
-        for i in range(s + 1, e):
-            x, y = pts[i]
-            if (x - x0) * dx + (y - y0) * dy > 0 and (x1 - x) * dx + (y1 - y) * dy > 0:
-                d = abs(dx * (y - y0) - dy * (x - x0)) / length
-            else:
-                d = min(math.hypot(x - x0, y - y0), math.hypot(x - x1, y - y1))
-            if d > best:
-                best, at = d, i
-        if best > tolerance:
-            keep[at] = True
-            stack += [(at, e), (s, at)]
-    return xy[np.asarray(keep[:-1])]
+    if not rings:
+        return []
+    sizes = np.array([len(r) + 1 for r in rings])  # closed: first vertex repeated at the end
+    offsets = np.cumsum(sizes) - sizes
+    pts = np.concatenate([np.concatenate([r, r[:1]]) for r in rings]).astype(np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    keep = np.zeros(len(pts), bool)
+    keep[offsets] = keep[offsets + sizes - 1] = True
+    s, e = offsets, offsets + sizes - 1
+    with np.errstate(invalid="ignore", divide="ignore"):  # zero-length chords (a closed ring's ends) take the end distance
+        while True:
+            open_ = e - s >= 2
+            s, e = s[open_], e[open_]
+            if not len(s):
+                break
+            seg, pos = _segments(e - s - 1)
+            i = s[seg] + 1 + pos
+            x0, y0, x1, y1 = x[s][seg], y[s][seg], x[e][seg], y[e][seg]
+            dx, dy = x1 - x0, y1 - y0
+            xi, yi = x[i], y[i]
+            inside = ((xi - x0) * dx + (yi - y0) * dy > 0) & ((x1 - xi) * dx + (y1 - yi) * dy > 0)
+            d = np.where(inside, np.abs(dx * (yi - y0) - dy * (xi - x0)) / np.sqrt(dx * dx + dy * dy),
+                         np.minimum(np.sqrt((xi - x0) ** 2 + (yi - y0) ** 2), np.sqrt((xi - x1) ** 2 + (yi - y1) ** 2)))
+            first = np.concatenate([[0], np.flatnonzero(np.diff(seg)) + 1])
+            best = np.maximum.reduceat(d, first)
+            at = np.minimum.reduceat(np.where(d == best[seg], i, len(pts)), first)
+            split = best > tolerance
+            keep[at[split]] = True
+            s, e = np.concatenate([s[split], at[split]]), np.concatenate([at[split], e[split]])
+    return [pts[o : o + n - 1][keep[o : o + n - 1]].astype(rings[0].dtype) for o, n in zip(offsets.tolist(), sizes.tolist())]
 
 
-def _signed_area(xy: np.ndarray) -> float:
-    x, y = xy[:, 0], xy[:, 1]
-    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+def _valid_simplified(rings: list[np.ndarray]) -> np.ndarray:
+    """For each ring of (N, 2) integer vertices (not closed): True when it has >= 4 vertices,
+    a positive shoelace area and is simple: no self-intersection or touching, no pair of
+    adjacent edges folding back onto each other (exact integer arithmetic). All rings are
+    tested together: every pair of non-adjacent edges of a ring in one vectorised step."""
+    ok = np.array([len(r) >= 4 for r in rings], bool)
+    idx = np.flatnonzero(ok)
+    if not len(idx):
+        return ok
+    sizes = np.array([len(rings[k]) for k in idx])
+    a = np.concatenate([rings[k] for k in idx]).astype(np.int64)
+    offsets = np.cumsum(sizes) - sizes
+    ring, pos = _segments(sizes)
+    nxt = offsets[ring] + (pos + 1) % sizes[ring]
+    b = a[nxt]  # edge j: a[j] -> b[j]
+    area2 = np.bincount(ring, a[:, 0] * b[:, 1] - b[:, 0] * a[:, 1], minlength=len(idx))
+    d0 = b - a
+    d1 = d0[nxt]
+    fold = np.bincount(ring, (d0[:, 0] * d1[:, 1] - d0[:, 1] * d1[:, 0] == 0) & ((d0 * d1).sum(1) < 0), minlength=len(idx)) > 0
+    # pairs (j, k) of one ring with k >= j + 2, except its first and last edge (adjacent)
+    i_all, j_all = [], []
+    for off, n in zip(offsets.tolist(), sizes.tolist()):
+        i, j = _pairs(n)
+        i_all.append(i + off)
+        j_all.append(j + off)
+    i, j = np.concatenate(i_all), np.concatenate(j_all)
 
+    def orient(p, q, r):
+        return np.sign((q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0]))
 
-def _is_simple(xy: np.ndarray) -> bool:
-    """True when the closed ring through the (N, 2) vertices ``xy`` (not closed) has no
-    self-intersection or touching (exact for the integer vertices used here)."""
-    n = len(xy)
-    a, b = xy, np.roll(xy, -1, 0)  # segment i: a[i] -> b[i]
-
-    def orient(p, q, s):
-        return np.sign((q[..., 0] - p[..., 0]) * (s[..., 1] - p[..., 1]) - (q[..., 1] - p[..., 1]) * (s[..., 0] - p[..., 0]))
-
-    # adjacent segments must not fold back onto each other
-    d0, d1 = b - a, np.roll(b - a, -1, 0)
-    if np.any((d0[:, 0] * d1[:, 1] - d0[:, 1] * d1[:, 0] == 0) & ((d0 * d1).sum(1) < 0)):
-        return False
-    P, Q = a[:, None], b[:, None]
-    R, S = a[None], b[None]
+    P, Q, R, S = a[i], b[i], a[j], b[j]
     cross = (orient(P, Q, R) * orient(P, Q, S) <= 0) & (orient(R, S, P) * orient(R, S, Q) <= 0)
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    overlap = np.all(np.maximum(lo[:, None], lo[None]) <= np.minimum(hi[:, None], hi[None]), axis=-1)
+    overlap = np.all(np.maximum(lo[i], lo[j]) <= np.minimum(hi[i], hi[j]), axis=1)
+    touching = np.bincount(ring[i], cross & overlap, minlength=len(idx)) > 0 if len(i) else np.zeros(len(idx), bool)
+    ok[idx] = (area2 > 0) & ~fold & ~touching
+    return ok
+
+
+@functools.lru_cache(maxsize=256)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (j, k), k >= j + 2, of the edges of an n-gon, without (0, n - 1)."""
     i, j = np.triu_indices(n, 2)
-    keep = ~((i == 0) & (j == n - 1))  # the first and last segments are adjacent
-    return not np.any((cross & overlap)[i[keep], j[keep]])
+    keep = ~((i == 0) & (j == n - 1))
+    return i[keep], j[keep]
 
 
 def instance_polygons(labels, offset: Sequence[float] = (0.0, 0.0), scale: float = 1.0, tolerance: float = 0.5) -> dict[int, list[list[float]]]:
@@ -183,21 +300,58 @@ def instance_polygons(labels, offset: Sequence[float] = (0.0, 0.0), scale: float
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     oy, ox = float(offset[0]), float(offset[1])
+    traced = _trace_all(labels, ndimage.find_objects(labels))
+    ids = sorted(traced)
+    rings = [traced[lab] for lab in ids]
+    if tolerance > 0 and rings:
+        simple = _simplify_all(rings, tolerance)
+        ok = _valid_simplified(simple)
+        rings = [s if good else r for r, s, good in zip(rings, simple, ok.tolist())]
     out: dict[int, list[list[float]]] = {}
-    for idx, sl in enumerate(ndimage.find_objects(labels)):
-        if sl is None:
-            continue
-        lab = idx + 1
-        xy = _trace_outer(labels[sl] == lab)
-        if tolerance > 0:
-            simple = _simplify(xy, tolerance)
-            if len(simple) >= 4 and _signed_area(simple) > 0 and _is_simple(simple):
-                xy = simple
+    for lab, xy in zip(ids, rings):
         ring = np.concatenate([xy, xy[:1]]).astype(float)
-        ring[:, 0] = (ring[:, 0] + sl[1].start + ox) * scale
-        ring[:, 1] = (ring[:, 1] + sl[0].start + oy) * scale
+        ring[:, 0] = (ring[:, 0] + ox) * scale
+        ring[:, 1] = (ring[:, 1] + oy) * scale
         out[lab] = ring.tolist()
     return out
+
+
+# skimage.measure.perimeter's weights of the codes of its 3x3 neighbourhood convolution (4-neighbourhood border)
+_PERIMETER_WEIGHTS = np.zeros(50, dtype=np.float64)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
+_PERIMETER_CODES = ((-1, -1, 10), (-1, 0, 2), (-1, 1, 10), (0, -1, 2), (0, 1, 2), (1, -1, 10), (1, 0, 2), (1, 1, 10))
+
+
+def _perimeters(labels: np.ndarray, n: int) -> np.ndarray:
+    """``skimage.measure.perimeter(labels == i, 4)`` for every instance ``i`` in 1..n at once.
+
+    skimage marks the border pixels of one region (those with a 4-neighbour outside it), codes
+    each as 1 plus 2 per border 4-neighbour and 10 per border diagonal neighbour of the same
+    region, and returns the histogram of the codes times its weights (a dot product, made
+    here per instance with the same arrays: the same sum). Only border pixels have odd codes,
+    the only ones with non-zero weights, so a histogram of the border pixels alone gives the
+    same result. Returns ``(n + 1,)`` float64 (entry 0 unused).
+    """
+    p = np.pad(labels, 1)
+    lab = p[1:-1, 1:-1]
+    h, w = labels.shape
+    border = np.pad((lab > 0) & ((p[:-2, 1:-1] != lab) | (p[2:, 1:-1] != lab) | (p[1:-1, :-2] != lab) | (p[1:-1, 2:] != lab)), 1)
+    code = border[1:-1, 1:-1].astype(np.int64)
+    for dy, dx, weight in _PERIMETER_CODES:
+        code += weight * (border[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] & (p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == lab))
+    at = border[1:-1, 1:-1]
+    histogram = np.bincount(lab[at].astype(np.int64) * 50 + code[at], minlength=(n + 1) * 50).reshape(n + 1, 50)
+    return np.array([0.0] + [histogram[i] @ _PERIMETER_WEIGHTS for i in range(1, n + 1)])
+
+
+def _eccentricity(image: np.ndarray, centre: np.ndarray) -> float:
+    """Eccentricity of one instance's bool crop with its centroid ``centre`` (crop coordinates,
+    exact), computed as ``skimage.measure.regionprops`` does (the same calls on the same arrays)."""
+    mu = moments_central(image.astype(np.uint8), centre, order=3)
+    l1, l2 = inertia_tensor_eigvals(image, T=inertia_tensor(image, mu))
+    return 0.0 if l1 == 0 else float(math.sqrt(1 - l2 / l1))
 
 
 def nucleus_measurements(labels, rgb, mpp: float) -> list[dict]:
@@ -223,18 +377,30 @@ def nucleus_measurements(labels, rgb, mpp: float) -> list[dict]:
     if not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be a finite number > 0, got {mpp!r}")
     hematoxylin = rgb2hed(rgb)[..., 0]
+    flat = labels.ravel().astype(np.int64)
+    counts = np.bincount(flat)
+    rr, cc = np.indices(labels.shape, dtype=np.float64)
+    # sums of integer coordinates are exact in float64: the centroids equal regionprops' coordinate means,
+    # and the local ones (about the box corner) its moment ratios
+    sum_r, sum_c = np.bincount(flat, rr.ravel(), len(counts)), np.bincount(flat, cc.ravel(), len(counts))
+    perimeters = _perimeters(labels, len(counts) - 1)
     rows = []
-    for p in regionprops(labels, intensity_image=hematoxylin):
-        cy, cx = p.centroid
+    for idx, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None:
+            continue
+        lab = idx + 1
+        image = labels[sl] == lab
+        n = counts[lab]
+        centre = np.asarray(((sum_r[lab] - n * sl[0].start) / n, (sum_c[lab] - n * sl[1].start) / n))
         rows.append(
             {
-                "label": int(p.label),
-                "centroid_y": float(cy),
-                "centroid_x": float(cx),
-                "area_um2": float(p.area) * mpp * mpp,
-                "perimeter_um": float(p.perimeter) * mpp,
-                "eccentricity": float(p.eccentricity),
-                "mean_hematoxylin": float(p.intensity_mean),
+                "label": lab,
+                "centroid_y": float(sum_r[lab] / n),
+                "centroid_x": float(sum_c[lab] / n),
+                "area_um2": float(n) * mpp * mpp,
+                "perimeter_um": float(perimeters[lab]) * mpp,
+                "eccentricity": _eccentricity(image, centre),
+                "mean_hematoxylin": float(np.mean(hematoxylin[sl][image], axis=0)),
             }
         )
     return rows
