@@ -49,11 +49,6 @@ from skimage.segmentation import watershed
 
 from custom.command_line import flag
 
-try:  # the compiled loop of skimage.morphology.reconstruction (private: see _lowered_reconstruction)
-    from skimage.morphology._grayreconstruct import reconstruction_loop as _reconstruction_loop
-except ImportError:  # pragma: no cover - another skimage layout: its public function is used
-    _reconstruction_loop = None
-
 __all__ = ['PostprocessParams', 'AttentionToInstances', 'AttentionToInstancesd', 'attention_to_instances', 'fill_small_holes', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
 
 
@@ -61,6 +56,13 @@ OTSU = "otsu"
 DEFAULT_OTSU_RANGE = (0.4, 0.6)
 OTSU_CLIP_PERCENTILES = (0.5, 99.5)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+try:  # the compiled loop of skimage.morphology.reconstruction (private: see _lowered_reconstruction)
+    from skimage.morphology._grayreconstruct import (
+        reconstruction_loop as _reconstruction_loop,
+    )
+except ImportError:  # pragma: no cover - another skimage layout: its public function is used
+    _reconstruction_loop = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,8 +103,7 @@ def _ring_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     shoelace area): top (c, r) -> (c+1, r), right (c+1, r) -> (c+1, r+1), bottom
     (c+1, r+1) -> (c, r+1), left (c, r+1) -> (c, r).
     """
-    h, w = labels.shape
-    w1 = w + 1
+    w1 = labels.shape[1] + 1
     p = np.pad(labels, 1)
     lab = p[1:-1, 1:-1]
     parts = []
