@@ -243,3 +243,20 @@ def test_csv_writer(tmp_path):
     writer = NucleusCSVWriter(failed)
     writer.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nuclei.csv"]
+
+
+def test_polygons_traced_together_equal_one_by_one():
+    """instance_polygons traces all instances at once; each ring is the one the per-instance
+    tracing of its crop gives (touching instances, several pieces, holes, corner contacts)."""
+    from custom.wsi.export import _trace_all, _trace_outer
+
+    rng = np.random.default_rng(3)
+    for k in range(40):
+        labels = (rng.random((30, 40)) < 0.6) * rng.integers(1, 7, (30, 40))
+        labels = ndimage.median_filter(labels, 3) if k % 2 else labels
+        objects = ndimage.find_objects(labels)
+        traced = _trace_all(labels, objects)
+        for idx, sl in enumerate(objects):
+            if sl is not None:
+                expected = _trace_outer(labels[sl] == idx + 1) + np.array([sl[1].start, sl[0].start])
+                assert np.array_equal(traced[idx + 1], expected)
