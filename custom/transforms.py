@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform, Transform
-from skimage.color import lab2rgb, rgb2lab
-from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+from skimage.color.colorconv import hed_from_rgb, rgb_from_hed, rgb_from_xyz, xyz_from_rgb
 
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'DIHEDRAL_NAMES', 'EQUIVARIANCE_TRANSFORMS', 'RandDihedral', 'RandDihedrald', 'RandHEDJitter', 'RandHEDJitterd', 'ReinhardNormalize', 'ReinhardNormalized', 'dihedral', 'dihedral_inverse', 'reinhard_source_stats', 'reinhard_stats']
 
@@ -90,6 +89,41 @@ def dihedral_inverse(x, index: int):
     return dihedral(x, _INVERSE[int(index)])
 
 
+# CIELAB under illuminant D65, 2-degree observer: skimage.color's rgb2lab / lab2rgb, in float32
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
+_XYZ_FROM_RGB = (xyz_from_rgb.T / _D65_WHITE).astype(np.float32)  # linear RGB -> XYZ divided by the white point
+_RGB_FROM_XYZ = (rgb_from_xyz.T * _D65_WHITE[:, None]).astype(np.float32)  # XYZ relative to the white point -> linear RGB
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB ``(..., 3)`` in [0, 1] -> CIELAB ``(..., 3)`` float32 (D65, 2 degrees): ``skimage.color.rgb2lab``'s
+    formulas computed in float32 (differences from it below 1e-3 L*a*b* units), about 5x faster."""
+    c = np.asarray(rgb, dtype=np.float32)
+    linear = np.where(c > 0.04045, np.power((c + np.float32(0.055)) / np.float32(1.055), np.float32(2.4)), c / np.float32(12.92))
+    t = linear @ _XYZ_FROM_RGB
+    f = np.where(t > 0.008856, np.power(np.maximum(t, 0.008856), np.float32(1 / 3)), np.float32(7.787) * t + np.float32(16.0 / 116.0))
+    lab = np.empty_like(f)
+    lab[..., 0] = 116.0 * f[..., 1] - 16.0
+    lab[..., 1] = 500.0 * (f[..., 0] - f[..., 1])
+    lab[..., 2] = 200.0 * (f[..., 1] - f[..., 2])
+    return lab
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB ``(..., 3)`` -> sRGB ``(..., 3)`` float32 in [0, 1]: ``skimage.color.lab2rgb``'s formulas in
+    float32 (negative z clipped to 0 as it does, without its warning)."""
+    lab = np.asarray(lab, dtype=np.float32)
+    f = np.empty_like(lab)
+    f[..., 1] = (lab[..., 0] + np.float32(16.0)) / np.float32(116.0)
+    f[..., 0] = lab[..., 1] / np.float32(500.0) + f[..., 1]
+    f[..., 2] = np.maximum(f[..., 1] - lab[..., 2] / np.float32(200.0), 0.0)
+    t = np.where(f > 0.2068966, f * f * f, (f - np.float32(16.0 / 116.0)) / np.float32(7.787))
+    linear = t @ _RGB_FROM_XYZ
+    rgb = np.where(linear > 0.0031308, np.float32(1.055) * np.power(np.maximum(linear, 0.0031308), np.float32(1 / 2.4)) - np.float32(0.055),
+                   np.float32(12.92) * linear)
+    return np.clip(rgb, 0.0, 1.0)
+
+
 def _to_hwc(img) -> np.ndarray:
     arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
     if arr.ndim != 3 or arr.shape[0] != 3:
@@ -135,7 +169,7 @@ def reinhard_source_stats(images: Sequence[np.ndarray], brightness_percentile: f
         raise ValueError("reinhard_source_stats needs at least one region.")
     rgb = np.concatenate([np.asarray(i, dtype=np.float64).reshape(-1, 3) / 255.0 for i in images])[None]
     white = _brightness(rgb, brightness_percentile)
-    lab = rgb2lab(_standardise_brightness(rgb, None, white)).reshape(-1, 3)
+    lab = rgb_to_lab(_standardise_brightness(rgb, None, white)).reshape(-1, 3).astype(np.float64)
     return np.array([np.nan if white is None else white, *lab.mean(0), *lab.std(0)])
 
 
@@ -156,7 +190,7 @@ def reinhard_stats(images: Sequence, brightness_percentile: float | None = 90.0)
     for img in images:
         arr = np.asarray(img)
         rgb = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 and arr.shape[-1] == 3 else _to_hwc(arr)
-        lab = rgb2lab(_standardise_brightness(rgb, brightness_percentile)).reshape(-1, 3)
+        lab = rgb_to_lab(_standardise_brightness(rgb, brightness_percentile)).reshape(-1, 3).astype(np.float64)
         means.append(lab.mean(0))
         stds.append(lab.std(0))
     return np.mean(means, 0).tolist(), np.mean(stds, 0).tolist()
@@ -204,22 +238,22 @@ class ReinhardNormalize(Transform):
         source: None, or the 7 source statistics of :func:`reinhard_source_stats`."""
         if source is None:
             rgb = _standardise_brightness(_to_hwc(img), self.brightness_percentile)
-            lab = rgb2lab(rgb)
-            mu = lab.reshape(-1, 3).mean(0)
-            sd = lab.reshape(-1, 3).std(0)
+            lab = rgb_to_lab(rgb)
+            mu = lab.reshape(-1, 3).mean(0, dtype=np.float64)
+            sd = lab.reshape(-1, 3).std(0, dtype=np.float64)
         else:
             src = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float64).reshape(-1)
             if src.shape != (7,):
                 raise ValueError(f"Reinhard source statistics must be 7 numbers (white, 3 means, 3 stds), got shape {src.shape}.")
             white = None if np.isnan(src[0]) else float(src[0])
-            lab = rgb2lab(_standardise_brightness(_to_hwc(img), None, white))
+            lab = rgb_to_lab(_standardise_brightness(_to_hwc(img), None, white))
             mu, sd = src[1:4], src[4:7]
         scale = self.target_stds / np.maximum(sd, 1e-6)
         if self.max_std_ratio is not None:
             scale = np.clip(scale, 1.0 / self.max_std_ratio, self.max_std_ratio)
-        lab = (lab - mu) * scale + self.target_means
+        lab = (lab - mu.astype(np.float32)) * scale.astype(np.float32) + self.target_means.astype(np.float32)
         lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
-        return _like(np.clip(lab2rgb(lab), 0.0, 1.0), img)
+        return _like(lab_to_rgb(lab), img)
 
 
 class RandHEDJitter(RandomizableTransform):

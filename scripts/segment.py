@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def segment(input: str, out: str = "segmentation", model: str | None = None, backend: str = "cucim", mpp: float | None = None,
-            base_magnification: float | None = None, tta: bool = True, device: str | None = None, overwrite: bool = False,
+            base_magnification: float | None = None, tta: bool = False, device: str | None = None, overwrite: bool = False,
             **overrides) -> None:
     """Segment the nuclei of a slide, a folder of slides/images or a CSV of slide paths.
 
@@ -49,7 +49,7 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         backend: "cucim" or "openslide".
         mpp: level-0 um/px for slides without that metadata (applies to all inputs).
         base_magnification: level-0 magnification instead of ``mpp`` (e.g. 40).
-        tta: test-time augmentation (7 dihedral transforms; about 7x slower).
+        tta: test-time augmentation (7 dihedral transforms): about 7x slower, and it did not pay in the measurements (docs/speed.md).
         device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available.
         overwrite: recompute slides whose outputs are already complete.
         **overrides: any other inference.json key (window, halo, roi, magnification, amp_dtype, num_workers, ...).

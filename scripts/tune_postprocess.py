@@ -96,7 +96,7 @@ def main(
     method: str = "model",
     checkpoint: str | None = None,
     config: str | None = None,
-    tta: bool = True,
+    tta: bool = False,
     rounds: int = 2,
     workers: int = 2,
     out_config: str | None = None,

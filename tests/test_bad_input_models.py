@@ -39,14 +39,17 @@ def _model_file(kind: str, folder: Path) -> Path:
         path.write_bytes(data[: len(data) // 2])
     elif kind == "text":
         path.write_text("weights will be uploaded later\n")
-    elif kind == "other_width":
+    elif kind == "unrecorded_architecture":  # exported before 0.14.0: no architecture record, so the config's network is used
         save_attention_network(AttentionNet(width=8, stain_prior="logit"), path)
+        state = torch.load(path, weights_only=False)
+        del state["_extra_state"]["architecture"]
+        torch.save(state, path)
     elif kind == "other_architecture":
         net = UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=(4, 8), strides=(2,))
         torch.save(net.state_dict(), path)
     elif kind == "nan":
         state = torch.load(MODEL, weights_only=True)
-        state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+        state["unet.final_conv.bias"] = torch.full_like(state["unet.final_conv.bias"], float("nan"))
         torch.save(state, path)
     else:
         raise KeyError(kind)
@@ -58,9 +61,9 @@ MODEL_CASES = {
     "corrupt": "corrupt.pt: not a readable PyTorch checkpoint",
     "truncated": "truncated.pt: not a readable PyTorch checkpoint",
     "text": "text.pt: not a readable PyTorch checkpoint",
-    "other_width": "other_width.pt: does not fit this attention network (width=32",
+    "unrecorded_architecture": "unrecorded_architecture.pt: does not fit this attention network ({'_target_': 'custom.model.networks.CompactAttentionNet'",
     "other_architecture": "other_architecture.pt: does not fit this attention network",
-    "nan": "nan.pt: NaN or infinite values in ['head.bias']",
+    "nan": "nan.pt: NaN or infinite values in ['unet.final_conv.bias']",
 }
 
 # (workflow, overrides, words the error must contain)

@@ -48,7 +48,7 @@ from custom.wsi.slide import MAX_WHOLE_IMAGE_PIXELS, Slide
 from tests.slides import write_pyramidal_tiff
 from custom.wsi.writer import complete_slides
 from tests.conftest import CMU_SLIDE, REPO, require_slide, synthetic_he
-from tests.test_wsi_outputs import SMALL, check_outputs, small_model  # noqa: F401 - small_model: a fixture used here
+from tests.test_wsi_outputs import check_outputs, small_model  # noqa: F401 - small_model: a fixture used here
 
 SEGMENT = REPO / "scripts" / "segment.py"
 _spec = importlib.util.spec_from_file_location("segment_script", SEGMENT)
@@ -295,7 +295,7 @@ def _model_args(model: str, request) -> list[str]:
     """segment.py options of the network of a case."""
     if model == "shipped":
         return []
-    return ["--model", str(request.getfixturevalue("small_model")), "--width", str(SMALL["width"]), "--dilations", str(SMALL["dilations"])]
+    return ["--model", str(request.getfixturevalue("small_model"))]  # the file records its architecture
 
 
 def _run(argv: list[str], as_subprocess: bool, capfd) -> tuple[int, str, str]:

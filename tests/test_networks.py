@@ -343,10 +343,13 @@ def test_stored_prior_gain_wins_and_another_prior_is_refused(tmp_path):
     g = load_attention_weights(AttentionNet(stain_prior="logit", stain_prior_gain=2.0, **SMALL), str(path)).eval()
     x = torch.randn(1, 3, 16, 16)
     assert g.stain_prior_gain == 4.0 and torch.equal(g.logits(x), f.logits(x))
-    with pytest.raises(ValueError, match="stain_prior='logit'") as info:  # same weights, another prior: by name
-        load_attention_weights(AttentionNet(stain_prior="none", **SMALL), str(path))
-    assert str(path) in str(info.value)
+    assert load_attention_weights(AttentionNet(stain_prior="none", **SMALL), str(path)).stain_prior == "logit"  # the file's record wins
     state = torch.load(path, weights_only=False)
+    del state["_extra_state"]["architecture"]  # exported before 0.14.0: the config's network, checked against the file
+    torch.save(state, tmp_path / "unrecorded.pt")
+    with pytest.raises(ValueError, match="stain_prior='logit'") as info:  # same weights, another prior: by name
+        load_attention_weights(AttentionNet(stain_prior="none", **SMALL), str(tmp_path / "unrecorded.pt"))
+    assert "unrecorded.pt" in str(info.value)
     del state["_extra_state"]["stain_prior_gain"], state["_extra_state"]["stain_prior"]  # exported before 0.6.0
     torch.save(state, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="old.pt: stores no stain_prior_gain"):  # the gain is unknown: refused, not guessed
@@ -370,9 +373,12 @@ def test_wrong_width_names_the_file_and_width(tmp_path):
     from custom.model.checkpoint import load_attention_weights, save_attention_network
 
     path = save_attention_network(AttentionNet(width=8, dilations=(1, 2)), tmp_path / "wide.pt")
+    state = torch.load(path, weights_only=False)
+    del state["_extra_state"]["architecture"]  # exported before 0.14.0: the config's network, checked against the file
+    torch.save(state, path)
     with pytest.raises(ValueError, match="width") as info:
         load_attention_weights(AttentionNet(**SMALL), str(path))
-    assert str(path) in str(info.value) and "width=4" in str(info.value)
+    assert str(path) in str(info.value) and "'width': 4" in str(info.value)
 
 
 @pytest.mark.parametrize("where", ["head.bias", "activation.running_tau"])
@@ -396,3 +402,56 @@ def test_save_refuses_non_finite_and_keeps_the_old_file(tmp_path, where):
         save_attention_network(f, path)
     g = load_attention_weights(AttentionNet(**SMALL), str(path))
     assert torch.equal(g.head.weight, good.head.weight) and torch.isfinite(g.head.bias).all()
+
+
+def test_compact_network_pads_any_size_and_starts_from_the_hematoxylin_map():
+    from custom.model.networks import CompactAttentionNet, HematoxylinDensity
+
+    net = CompactAttentionNet(stride=2, features=(4, 4, 4, 4, 4, 4), stain_prior="logit", stain_prior_gain=3.0).eval()
+    assert net.size_multiple == 32 and net.receptive_radius == 64
+    x = torch.randn(2, 3, 45, 70)
+    with torch.no_grad():
+        logits = net.logits(x)
+    assert logits.shape == (2, 1, 45, 70)
+    torch.testing.assert_close(logits, 3.0 * HematoxylinDensity()(x))  # zero head: the prior alone
+    net.unet.final_conv.bias.data.fill_(0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(net.logits(x), 3.0 * HematoxylinDensity()(x) + 0.5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=0), dict(features=(4, 4, 4)), dict(context=-1), dict(stain_prior="input")])
+def test_compact_network_arguments_are_checked(kwargs):
+    from custom.model.networks import CompactAttentionNet
+
+    with pytest.raises(ValueError):
+        CompactAttentionNet(**kwargs)
+
+
+def test_a_file_records_its_architecture_and_loading_builds_it(tmp_path):
+    """model.pt names its class and arguments: loading it into another network_def gives the recorded
+    network (the student through a config that builds F, F through one that builds the student)."""
+    from custom.model.checkpoint import load_attention_weights, save_attention_network
+    from custom.model.networks import CompactAttentionNet
+
+    student = CompactAttentionNet(stride=2, features=(4, 4, 8, 8, 8, 4), context=16, eta=20.0, stain_prior_gain=4.0)
+    torch.nn.init.normal_(student.unet.final_conv.weight)
+    save_attention_network(student, tmp_path / "student.pt")
+    loaded = load_attention_weights(AttentionNet(width=2, dilations=(1,), stain_prior="logit"), str(tmp_path / "student.pt"))
+    assert isinstance(loaded, CompactAttentionNet) and loaded.architecture() == student.architecture()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().logits(x), student.eval().logits(x))
+
+    f = AttentionNet(width=3, dilations=(1, 2), stain_prior="logit", stain_prior_gain=2.0)
+    save_attention_network(f, tmp_path / "f.pt")
+    back = load_attention_weights(CompactAttentionNet(), str(tmp_path / "f.pt"))
+    assert isinstance(back, AttentionNet) and back.width == 3 and back.dilations == (1, 2)
+
+
+def test_an_architecture_record_naming_another_class_is_refused(tmp_path):
+    from custom.model.checkpoint import build_attention_network
+
+    with pytest.raises(ValueError, match="m.pt: its architecture record names 'os.system'"):
+        build_attention_network({"_target_": "os.system", "command": "true"}, "m.pt")
+    with pytest.raises(ValueError, match="cannot build its AttentionNet"):
+        build_attention_network({"_target_": "custom.model.networks.AttentionNet", "depth": 3}, "m.pt")

@@ -48,8 +48,8 @@ def small_model(tmp_path_factory):
 
 def infer(model, input, output_dir, **overrides):
     settings = {"bundle_root": str(REPO / "bundle"), "model_path": str(model), "input": str(input), "output_dir": str(output_dir),
-                "tta": False, "amp_dtype": None, "num_workers": 0, "progress": False, "device": torch.device("cpu"), **SMALL,
-                **overrides}
+                "tta": False, "amp_dtype": None, "num_workers": 0, "progress": False, "device": torch.device("cpu"),
+                **overrides}  # the model file records its architecture: no width to pass
     wf = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / "inference.json"), workflow_type="infer", **settings)
     wf.initialize()
     wf.run()
@@ -69,7 +69,7 @@ def test_inference_normalises_with_the_models_own_stain_settings(tmp_path, store
                        stain_settings=stored, **SMALL)
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
-    parser.update({"model_path": str(save_attention_network(net, tmp_path / "model.pt")), "device": torch.device("cpu"), **SMALL})
+    parser.update({"model_path": str(save_attention_network(net, tmp_path / "model.pt")), "device": torch.device("cpu")})
     (normalise,) = [t for t in parser.get_parsed_content("preprocessing").transforms if isinstance(t, ReinhardNormalized)]
     assert (normalise.transform.brightness_percentile, normalise.transform.max_std_ratio) == expected
     assert parser.get_parsed_content("windows#brightness_percentile") == expected[0]  # the slide's source statistics

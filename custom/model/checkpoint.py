@@ -9,14 +9,35 @@ from pathlib import Path
 import torch
 
 from custom.atomic_write import write_atomic
-from custom.model.networks import AttentionNet
+import logging
 
-__all__ = ['load_attention_weights', 'save_attention_network', 'stored_postprocess', 'stain_settings_of', 'stain_target_of']
+from custom.model.networks import ATTENTION_NETWORKS, AttentionNet
+
+__all__ = ['build_attention_network', 'load_attention_weights', 'save_attention_network', 'stored_postprocess', 'stain_settings_of', 'stain_target_of']
 
 
 
 
-def save_attention_network(net: AttentionNet, path: str | os.PathLike) -> Path:
+def build_attention_network(architecture: dict, source: str = "the model file") -> torch.nn.Module:
+    """The attention network an ``architecture`` record describes (``{"_target_": "custom.model.networks.<class>",
+    **constructor arguments}``, as written by the network's ``architecture()``); only the classes of
+    :data:`custom.model.networks.ATTENTION_NETWORKS` are built.
+
+    Raises:
+        ValueError: naming ``source`` when the record names another class or arguments the class does not take.
+    """
+    record = dict(architecture)
+    name = str(record.pop("_target_", "")).rsplit(".", 1)[-1]
+    if name not in ATTENTION_NETWORKS:
+        raise ValueError(f"{source}: its architecture record names {architecture.get('_target_')!r}, not one of "
+                         f"{sorted(ATTENTION_NETWORKS)}.")
+    try:
+        return ATTENTION_NETWORKS[name](**record)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: cannot build its {name} from the stored architecture {architecture!r}: {e}") from e
+
+
+def save_attention_network(net: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Write F's state dict (weights, BatchNorm statistics, running tau, stain target and
     tuned post-processing) to ``path`` atomically (temporary name, then rename).
 
@@ -68,8 +89,13 @@ def stored_postprocess(path: str | os.PathLike) -> dict:
     return postprocess
 
 
-def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
+def load_attention_weights(net: AttentionNet, path: str) -> torch.nn.Module:
     """Load F's weights and running tau from ``path`` into ``net`` (in place) and return it.
+
+    A file that records its architecture (bundle 0.14.0 on) gets the network it records: when
+    that differs from ``net`` (another class, e.g. the compact student, or another width), the
+    recorded network is built, loaded and returned instead, so ``--model_path`` alone selects a
+    model. Files without the record are loaded into ``net`` (the config's ``network_def``).
 
     Accepts the exported ``model.pt`` (F's state dict) or a training checkpoint
     (``{"network": state of ScaleAttentionModel, ...}``, F's keys under ``attention.``).
@@ -90,6 +116,11 @@ def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
     if "stain_prior_gain" not in extra:
         raise ValueError(f"{path}: stores no stain_prior_gain (exported before bundle 0.6.0), so the gain its weights were "
                          "trained with is unknown; retrain it with this version of the bundle.")
+    architecture = extra.get("architecture")
+    if architecture and architecture != net.architecture():
+        net = build_attention_network(architecture, f"model weights {path}")
+        logging.getLogger(__name__).info(f"{path}: {architecture['_target_'].rsplit('.', 1)[-1]} as the file records it "
+                                          f"(not the config's network_def): {architecture}")
     stored_prior = extra.get("stain_prior")
     if stored_prior is not None and stored_prior != net.stain_prior:  # "logit" and "none" have the same weights: check by name
         raise ValueError(f"{path}: was trained with stain_prior={stored_prior!r}, the network is built with "
@@ -98,9 +129,9 @@ def load_attention_weights(net: AttentionNet, path: str) -> AttentionNet:
         net.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(
-            f"{path}: does not fit this attention network (width={net.width}, dilations={net.dilations}, "
-            f"stain_prior={net.stain_prior!r}): {str(e).splitlines()[0]} Set --width/--dilations/--stain_prior to the "
-            "values it was trained with."
+            f"{path}: does not fit this attention network ({net.architecture()}): {str(e).splitlines()[0]} "
+            "Files exported before bundle 0.14.0 do not record their architecture: set the config's network "
+            "(train.json's --width/--dilations/--stain_prior) to the one it was trained with."
         ) from e
     return net
 

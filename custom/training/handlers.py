@@ -100,7 +100,7 @@ class ExportAttentionNetwork:
         self.epoch_level, self.best_only = flag(epoch_level, "epoch_level"), flag(best_only, "best_only")
 
     def attach(self, engine: Engine) -> None:
-        logging.getLogger(__name__).info(f"{'The best model' if self.best_only else 'The model'} (F) goes to {os.path.abspath(self.filepath)}")
+        logging.getLogger(__name__).info(f"{'The best model' if self.best_only else 'The model'} goes to {os.path.abspath(self.filepath)}")
         engine.add_event_handler(Events.COMPLETED, self)
         if self.epoch_level and not self.best_only:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)

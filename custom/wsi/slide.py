@@ -746,8 +746,7 @@ class Slide:
                     continue
                 ds = self.downsamples[level]
                 region = self.read_level((int(ly * ds), int(lx * ds)), (ch, cw), level)
-                small = resize(region, (3, oy1 - oy0, ox1 - ox0), order=1, anti_aliasing=True, preserve_range=True)
-                out[oy0:oy1, ox0:ox1] = np.moveaxis(np.clip(np.rint(small), 0, 255).astype(np.uint8), 0, -1)
+                out[oy0:oy1, ox0:ox1] = np.moveaxis(_shrink(region, (oy1 - oy0, ox1 - ox0)), 0, -1)
         return out, h0 / th
 
     def _chunk_shape(self, level: int) -> tuple[int, int]:
@@ -827,3 +826,19 @@ def list_slides(source: str | Path | Sequence[str | Path], suffixes: Sequence[st
             raise SlideError(f"{path}: lists no slides.")
         return out
     return [path]
+
+
+def _shrink(region: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(3, h, w)`` uint8 -> ``(3, *size)`` uint8, anti-aliased: a copy when the size is the same; for
+    a reduction by ``k >= 4`` times, first the mean of ``k // 2`` x ``k // 2`` blocks (exact area
+    averaging, cheap), then skimage's anti-aliased bilinear resize of the small array (its Gaussian
+    prefilter on the full region cost 0.3 s per megapixel for a tissue mask's 32x reduction)."""
+    h, w = region.shape[1:]
+    if (h, w) == tuple(size):
+        return region.copy()
+    block = int(min(h / size[0], w / size[1]) // 2)
+    if block >= 2:
+        bh, bw = h // block, w // block
+        region = region[:, : bh * block, : bw * block].reshape(3, bh, block, bw, block).mean(axis=(2, 4))
+    small = resize(region, (3, *size), order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8)

@@ -236,9 +236,15 @@ def bench_inference(path: Path, work_dir: Path, backend: str, extra: dict) -> di
 
 def _inference_region(extra: dict) -> tuple[int, int]:
     """(core window, region read per window incl. halo and receptive context) in 40x pixels, from inference.json."""
+    import torch
+
+    from custom.model.checkpoint import build_attention_network
+
     cfg = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
     window, halo = int(extra.get("window", cfg["window"])), int(extra.get("halo", cfg["halo"]))
-    context = 1 + 2 * sum(int(d) for d in cfg["dilations"])  # custom.inference.inferer.receptive_field_radius of AttentionNet
+    model = extra.get("model_path", REPO / "bundle" / "models" / "model.pt")
+    architecture = torch.load(model, map_location="cpu", weights_only=True)["_extra_state"]["architecture"]
+    context = build_attention_network(architecture, str(model)).receptive_radius  # the inferer's margin for this network
     return window, window + 2 * (halo + context)
 
 
@@ -342,7 +348,7 @@ def main(size: int = 8192, tissue_fraction: float = 0.3, reads: int = 300, warmu
         print(f"| {b} | {' | '.join(cells)} |")
     if inf is not None:
         print()
-        print("| whole-slide inference, 40x, TTA off, bf16 | tissue MP | windows | seconds | tissue MP/s | nuclei | peak RSS / PSS (level 0) |")
+        print("| whole-slide inference, 40x, TTA off | tissue MP | windows | seconds | tissue MP/s | nuclei | peak RSS / PSS (level 0) |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         print(f"| {inference_backend}, {inf['window']} px windows, {inf['halo']} px halo | {inf['tissue_mp']:.1f} | {inf['windows']} | "
               f"{inf['seconds']:.0f} ({inf['loop_seconds']:.0f} in the window loop) | {inf['tissue_mp'] / inf['seconds']:.3f} "
