@@ -130,6 +130,39 @@ def test_stitched_windows_equal_one_large_window(small_model, tmp_path):
     check_outputs(tmp_path / "small", "image", large.shape, is_image=True)
 
 
+def test_post_processing_workers_give_the_same_outputs(small_model, tmp_path):
+    """Windows post-processed in a worker process while the network infers the next ones are added
+    in order: the same GeoJSON, CSV and instance maps as one window after the other in this process,
+    over two images of several windows each."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in (1, 2):
+        Image.fromarray(synthetic_he(300, 260, tissue_fraction=1.0, seed=seed)).save(folder / f"image{seed}.png")
+    common = {"base_magnification": 40, "use_tissue_mask": False, "halo": 40, "window": 128}
+    infer(small_model, folder, tmp_path / "inline", postprocess_workers=0, **common)
+    infer(small_model, folder, tmp_path / "workers", postprocess_workers=2, **common)
+    for name in ("image1", "image2"):
+        for suffix in (".geojson", ".csv", "_instances.png"):
+            assert (tmp_path / "inline" / f"{name}{suffix}").read_bytes() == (tmp_path / "workers" / f"{name}{suffix}").read_bytes()
+        check_outputs(tmp_path / "workers", name, (300, 260), is_image=True)
+
+
+def test_a_failure_in_a_post_processing_worker_leaves_no_complete_looking_file(small_model, tmp_path, monkeypatch):
+    from custom.wsi import writer as wsi_outputs
+
+    png = tmp_path / "image.png"
+    Image.fromarray(synthetic_he(300, 300, tissue_fraction=1.0)).save(png)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure in a worker")
+
+    monkeypatch.setattr(wsi_outputs, "attention_to_instances", fail)  # window_nuclei's step; the workers fork after this
+    with pytest.raises(RuntimeError) as raised:
+        infer(small_model, png, tmp_path / "out", base_magnification=40, window=128, postprocess_workers=1)
+    assert "simulated failure in a worker" in str(raised.value.__cause__)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == []
+
+
 @pytest.mark.parametrize("backend", ["cucim", "openslide"])
 def test_generated_pyramid(small_model, pyramid_slide, backend, tmp_path):
     out = tmp_path / "out"
@@ -257,7 +290,10 @@ def test_time_and_progress_bar_start_before_the_first_window(small_model, tmp_pa
     folder.mkdir()
     for name, seed in (("a", 1), ("b", 2)):
         Image.fromarray(synthetic_he(200, 200, tissue_fraction=1.0, seed=seed)).save(folder / f"{name}.png")
-    infer(small_model, folder, tmp_path / "out", base_magnification=40, use_tissue_mask=False, window=128, progress=True)
+    # in this process (postprocess_workers 0): with a worker, a slide's last window is done, and the next slide's
+    # bar opens, one window later, while the network infers that next window
+    infer(small_model, folder, tmp_path / "out", base_magnification=40, use_tissue_mask=False, window=128, progress=True,
+          postprocess_workers=0)
     assert events == [("bar", "a", 4), ("read", "a", 0), ("read", "a", 1), ("read", "a", 2), ("read", "a", 3), ("close",),
                       ("bar", "b", 4), ("read", "b", 0), ("read", "b", 1), ("read", "b", 2), ("read", "b", 3), ("close",)]
     for name in ("a", "b"):

@@ -8,8 +8,10 @@ maps into stitched nuclei and writes, per slide::
     <name>.json             run summary (slide, magnification, tissue area, nuclei, seconds, settings), written LAST
 
 A slide's ``seconds`` count from the start of the inference run (the first slide) or the end
-of the previous slide, so they include reading and inferring its first window; the progress
-bar of a slide opens at the same moment, before its first window is read.
+of the previous slide, so they include reading and inferring its first window, and the slides'
+seconds add up to the run's; the progress bar of a slide opens at the same moment. Windows are
+post-processed in worker processes (``workers``) while the network infers the next ones, so a
+slide ends, and the next one's bar opens, while the network already works on that next slide.
 
 Every file is written under a temporary name and renamed when complete; the
 summary comes last and lists the others, so a slide counts as done only when its
@@ -27,8 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +54,7 @@ from custom.wsi.export import (
 )
 from custom.wsi.slide import Slide, SlideError
 
-__all__ = ['SlideNucleiWriter', 'complete_slides', 'slide_outputs']
+__all__ = ['SlideNucleiWriter', 'complete_slides', 'slide_outputs', 'window_nuclei']
 
 
 logger = logging.getLogger(__name__)
@@ -89,6 +94,26 @@ def complete_slides(output_dir: str | Path) -> list[str]:
 
 def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def window_nuclei(attention: np.ndarray, rgb: np.ndarray, postprocess: dict, core: tuple[int, int, int, int], max_size: int,
+                  origin: tuple[int, int], scale: float, tolerance: float, mpp: float) -> tuple[np.ndarray, dict, list[dict]]:
+    """The nuclei of one window: instances of its attention (``(h, w)``, the window's valid box), those centred
+    in ``core`` (:func:`custom.inference.postprocess.keep_centred`), their polygons in level-0 pixels and their
+    measurements (``rgb``: ``(h, w, 3)`` uint8). A pure function: :class:`SlideNucleiWriter` runs it in worker
+    processes. Returns ``(labels, polygons, measurements)``."""
+    labels = keep_centred(attention_to_instances(attention, **postprocess), core, max_size)
+    if not labels.max(initial=0):
+        return labels, {}, []
+    polygons = instance_polygons(labels, offset=origin, scale=scale, tolerance=tolerance)
+    return labels, polygons, nucleus_measurements(labels, rgb, mpp)
+
+
+def _resolved(value) -> Future:
+    """A finished future holding ``value`` (the in-process path shares the worker path's queue)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 class _SlideRun:
@@ -141,11 +166,16 @@ class SlideNucleiWriter:
         overlay_size: long side of the overlay picture in pixels.
         image_key, pred_key: batch key of the unnormalised RGB window (uint8 ``(3, h, w)``), output key of the attention.
         progress: show a progress bar per slide, opened before its first window is read.
+        workers: processes that post-process windows (:func:`window_nuclei`) while the network infers the
+            next ones (inference.json's ``postprocess_workers``); 0: in this process, one window after the other.
+            The outputs are the same either way: windows are added to their slides in the order they came.
     """
 
     def __init__(self, output_dir: str, slides_info: list[dict], postprocess: dict | None = None, settings: dict | None = None,
                  max_nucleus_um2: float = 0.0, polygon_tolerance: float = 1.0, overlay_size: int = 2048, image_key: str = "rgb", pred_key: str = "pred",
-                 progress: bool = True):
+                 progress: bool = True, workers: int = 1):
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+            raise ValueError(f"postprocess_workers must be an integer >= 0, got {workers!r}.")
         self.output_dir = Path(output_dir)
         self.slides_info = slides_info
         self.postprocess = dict(postprocess or {})
@@ -158,6 +188,9 @@ class SlideNucleiWriter:
         self.finished: list[str] = []
         self._clock: float | None = None  # start of the next slide's time: the run's start, then each slide's end
         self._bars: dict[int, tqdm] = {}  # progress bars opened before their slide's first window arrives
+        self.workers = int(workers)
+        self._pool: ProcessPoolExecutor | None = None  # post-processing of window k while the network infers window k + 1
+        self._pending: deque = deque()  # (slide, window, origin, future) in arrival order
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -197,6 +230,11 @@ class SlideNucleiWriter:
             self._bars[pending[0]["index"]] = self._open_bar(pending[0])
 
     def _start(self, engine: Engine) -> None:
+        if self.workers and self._pool is None:
+            if "fork" in multiprocessing.get_all_start_methods():  # forked: the workers inherit the imported modules
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            else:
+                logger.info("post-processing in this process: this platform cannot fork worker processes")
         self._write_empty_slides()
         self._clock = time.perf_counter()  # the slides' time starts with the run, before the first window is read
         self._open_next_bar()
@@ -226,17 +264,31 @@ class SlideNucleiWriter:
     def __call__(self, engine: Engine) -> None:
         for item, out in engine_items(engine):
             si, wi = int(_np(item["slide"])), int(_np(item["window"]))
-            run = self._run(si)
+            info = self.slides_info[si]
             attention = _np(out[self.pred_key]).astype(np.float32)
             attention = attention[0] if attention.ndim == 3 else attention
             vy0, vx0, vy1, vx1 = (int(v) for v in _np(item["valid"]))
             cy0, cx0, cy1, cx1 = (int(v) for v in _np(item["core"]))
             by, bx = (int(v) for v in _np(item["box"])[:2])
-            labels = attention_to_instances(attention[vy0:vy1, vx0:vx1], **self.postprocess)
-            max_size = int(self.max_nucleus_um2 / run.info["analysis_mpp"] ** 2)
-            labels = keep_centred(labels, (cy0 - vy0, cx0 - vx0, cy1 - vy0, cx1 - vx0), max_size)
             rgb = np.moveaxis(_np(item[self.image_key]), 0, -1)[vy0:vy1, vx0:vx1].astype(np.uint8)
-            self._add_nuclei(run, labels, rgb, (by + vy0, bx + vx0))
+            origin = (by + vy0, bx + vx0)
+            args = (np.ascontiguousarray(attention[vy0:vy1, vx0:vx1]), np.ascontiguousarray(rgb), self.postprocess,
+                    (cy0 - vy0, cx0 - vx0, cy1 - vy0, cx1 - vx0), int(self.max_nucleus_um2 / info["analysis_mpp"] ** 2),
+                    origin, info["scale_to_level0"], self.polygon_tolerance, info["analysis_mpp"])
+            if self._pool is None:
+                self._pending.append((si, wi, origin, _resolved(window_nuclei(*args))))
+            else:
+                self._pending.append((si, wi, origin, self._pool.submit(window_nuclei, *args)))
+            self._drain(wait=len(self._pending) > self.workers)
+
+    def _drain(self, wait: bool) -> None:
+        """Add the finished windows to their slides, in the order they came; with ``wait``, wait for the oldest."""
+        while self._pending and (self._pending[0][3].done() or wait):
+            si, wi, origin, future = self._pending.popleft()
+            wait = False
+            labels, polygons, measured = future.result()
+            run = self._run(si)
+            self._add_nuclei(run, labels, polygons, measured, origin)
             run.windows_done += 1
             if run.progress is not None:
                 run.progress.update(1)
@@ -246,14 +298,12 @@ class SlideNucleiWriter:
                 raise RuntimeError(f"{run.info['path']}: its last window arrived after {run.windows_done} of {run.info['num_windows']}; "
                                    "windows must come in order (shuffle off).")
 
-    def _add_nuclei(self, run: _SlideRun, labels: np.ndarray, rgb: np.ndarray, origin: tuple[int, int]) -> None:
-        """Append the instances of one window (origin: its (y, x) in analysis pixels)."""
+    def _add_nuclei(self, run: _SlideRun, labels: np.ndarray, polygons: dict, measured: list[dict], origin: tuple[int, int]) -> None:
+        """Append the instances of one window (:func:`window_nuclei`'s results; origin: its (y, x) in analysis pixels)."""
         n = int(labels.max(initial=0))
         if n == 0:
             return
         f = run.info["scale_to_level0"]
-        polygons = instance_polygons(labels, offset=origin, scale=f, tolerance=self.polygon_tolerance)
-        measured = nucleus_measurements(labels, rgb, run.info["analysis_mpp"])
         ids = np.zeros(n + 1, np.int32)  # window label -> nucleus id (0: not written)
         for row in measured:
             lab = row["label"]
@@ -323,6 +373,11 @@ class SlideNucleiWriter:
             self._open_next_bar()
 
     def _complete(self, engine: Engine) -> None:
+        try:
+            while self._pending:
+                self._drain(wait=True)
+        finally:
+            self._shutdown()
         self._close_pending_bars()
         if self.runs:
             names = [r.info["name"] for r in self.runs.values()]
@@ -333,7 +388,14 @@ class SlideNucleiWriter:
         self._abort(engine)
         raise e  # Ignite hands exceptions to EXCEPTION_RAISED handlers instead of raising them
 
+    def _shutdown(self) -> None:
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _abort(self, engine: Engine) -> None:
+        self._shutdown()
         for run in self.runs.values():
             run.abort()
         self.runs.clear()
