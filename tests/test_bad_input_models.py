@@ -72,7 +72,7 @@ SETTING_CASES = {
     "eta_100": ("train", {"eta": 100.0}, "must be in (0, 100), got 100.0"),
     "r_zero": ("train", {"r": 0.0}, "r (sigmoid compression) must be > 0, got 0.0"),
     "r_negative": ("train", {"r": -5.0}, "must be > 0, got -5.0"),
-    "width_zero": ("train", {"width": 0}, "width and in_channels must be >= 1"),
+    "width_zero": ("train", {"width": 0}, "width must be >= 1, got width=0"),
     "batch_size_zero": ("train", {"batch_size": 0}, "needs positive num_images, num_magnifications, batch_size"),
     "unknown_magnification": ("train", {"magnifications": [10, 20, 80]}, "magnifications [80] cannot be made from base magnification 40x"),
     "crop_larger_than_image": ("train", {"crop_size": 512}, "smaller than crop_size 512"),
