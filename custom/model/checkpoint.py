@@ -3,19 +3,16 @@ normalisation settings and tuned post-processing, with errors that name the file
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from custom.atomic_write import write_atomic
-import logging
-
 from custom.model.networks import ATTENTION_NETWORKS, AttentionNet
 
 __all__ = ['build_attention_network', 'load_attention_weights', 'save_attention_network', 'stored_postprocess', 'stain_settings_of', 'stain_target_of']
-
-
 
 
 def build_attention_network(architecture: dict, source: str = "the model file") -> torch.nn.Module:

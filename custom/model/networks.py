@@ -201,7 +201,7 @@ class _PriorAttentionBase(nn.Module):
         :func:`custom.model.checkpoint.load_attention_weights` rebuilds it from the file alone."""
         raise NotImplementedError
 
-    def _sigmoid_args(self) -> dict:
+    def _shared_args(self) -> dict:
         act = self.activation
         return {"eta": act.eta, "r": act.r, "momentum": act.momentum, "sparse": act.sparse,
                 "stain_prior": self.stain_prior, "stain_prior_gain": self.stain_prior_gain, "in_channels": self.in_channels}
@@ -287,7 +287,7 @@ class AttentionNet(_PriorAttentionBase):
 
     def architecture(self) -> dict:
         return {"_target_": "custom.model.networks.AttentionNet", "width": self.width, "dilations": list(self.dilations),
-                **self._sigmoid_args()}
+                **self._shared_args()}
 
     @property
     def receptive_radius(self) -> int:
@@ -372,7 +372,7 @@ class CompactAttentionNet(_PriorAttentionBase):
 
     def architecture(self) -> dict:
         return {"_target_": "custom.model.networks.CompactAttentionNet", "stride": self.stride,
-                "features": list(self.features), "context": self.context, **self._sigmoid_args()}
+                "features": list(self.features), "context": self.context, **self._shared_args()}
 
 
 ATTENTION_NETWORKS = {"AttentionNet": AttentionNet, "CompactAttentionNet": CompactAttentionNet}

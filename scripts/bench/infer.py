@@ -80,7 +80,7 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mp = size * size / 1e6
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"model {model}: width {net.width}, {where}, image {size}x{size} ({mp:.2f} MP), "
+    print(f"model {model}: {type(net).__name__}, {where}, image {size}x{size} ({mp:.2f} MP), "
           f"roi {roi}, sigmoid slope r {r or 'of the network'}, post-processing {pp}")
     print(f"amp_dtype {AUTO_AMP!r} picks {resolve_amp_dtype(device, AUTO_AMP) or 'float32'} on this device")
     print("| precision | TTA | network s/image | network MP/s | + post-processing s/image | + post-processing MP/s |")
