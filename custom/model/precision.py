@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-__all__ = ['autocast_context', 'fast_bf16', 'PRECISION_MODES', 'precision_modes', 'resolve_amp_dtype']
+__all__ = ['autocast_context', 'benchmark_modes', 'fast_bf16', 'PRECISION_MODES', 'precision_modes', 'resolve_amp_dtype']
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -57,6 +57,18 @@ def precision_modes(modes) -> list[tuple[str, str | None, bool]]:
         raise ValueError(f"modes {unknown or names}: unknown or none; choose from {list(PRECISION_MODES)}.")
     chosen = [canonical[m.replace(" ", "")] for m in names]
     return [(k, *PRECISION_MODES[k]) for k in chosen]
+
+
+def benchmark_modes(modes, threads: int | None = None) -> list[tuple[str, str | None, bool]]:
+    """:func:`precision_modes` for a benchmark's command line (``scripts/bench/train.py``, ``infer.py``):
+    an unknown name exits with a message naming ``--modes``; ``threads`` (if given) sets torch's CPU threads."""
+    try:
+        chosen = precision_modes(modes)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
+    if threads:
+        torch.set_num_threads(int(threads))
+    return chosen
 
 
 def resolve_amp_dtype(device: torch.device | str, amp_dtype: str | None) -> str | None:

@@ -24,7 +24,13 @@ from torch import nn
 from custom.inference.inferer import TiledAttentionInferer
 from custom.model.networks import check_sigmoid_slope
 
-__all__ = ['DistillationLoss', 'StudentLogitsInferer', 'TeacherAttentiond', 'student_from_teacher']
+__all__ = ['DistillationLoss', 'StudentLogitsInferer', 'TeacherAttentiond', 'student_from_teacher', 'tuned_slope']
+
+
+def tuned_slope(teacher: nn.Module) -> float:
+    """The sigmoid slope the teacher's post-processing was tuned at (its stored ``postprocess["r"]``),
+    else its own ``activation.r``: the slope of the maps inference thresholds."""
+    return float((teacher.postprocess or {}).get("r", teacher.activation.r))
 
 
 def student_from_teacher(student: nn.Module, teacher: nn.Module) -> nn.Module:
@@ -63,7 +69,7 @@ class TeacherAttentiond(MapTransform):
         if len(self.keys) != 1:
             raise ValueError(f"TeacherAttentiond takes one image key, got {self.keys}.")
         self.teacher, self.output_key = teacher, output_key
-        r = (teacher.postprocess or {}).get("r") if r is None else r
+        r = tuned_slope(teacher) if r is None else r
         self.inferer = TiledAttentionInferer(roi_size=roi_size, tta=tta, r=r, channels_last=True)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -94,8 +100,7 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, teacher: nn.Module, r: float | None = None):
         super().__init__()
-        r = check_sigmoid_slope(r if r is not None else (teacher.postprocess or {}).get("r", teacher.activation.r), "r")
-        self.r = float(r)
+        self.r = check_sigmoid_slope(tuned_slope(teacher) if r is None else r, "r")
         self.register_buffer("tau", teacher.activation.running_tau.detach().clone().float())
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

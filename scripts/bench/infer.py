@@ -25,7 +25,7 @@ import torch
 from custom.inference.inferer import TiledAttentionInferer
 from custom.inference.postprocess import PostprocessParams, attention_to_instances
 from custom.model.checkpoint import load_attention_weights
-from custom.model.precision import AUTO_AMP, PRECISION_MODES, precision_modes, resolve_amp_dtype
+from custom.model.precision import AUTO_AMP, PRECISION_MODES, benchmark_modes, resolve_amp_dtype
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,14 +58,9 @@ def main(model: str = str(REPO / "bundle/models/model.pt"), size: int = 1000, ro
         modes: which of ``custom.model.precision.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
         overrides: train.json keys for the architecture, e.g. ``--width 64``.
     """
-    try:
-        chosen = precision_modes(modes)
-    except ValueError as e:
-        raise SystemExit(f"--{e}") from None
+    chosen = benchmark_modes(modes, threads)
     from monai.bundle import ConfigParser
 
-    if threads:
-        torch.set_num_threads(int(threads))
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle/configs/train.json"))
     parser.update({"network_def#stain_target": None, **overrides})

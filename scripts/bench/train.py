@@ -17,7 +17,7 @@ import fire
 import torch
 
 from custom.model.losses import ScaleAttentionLoss
-from custom.model.precision import AUTO_AMP, PRECISION_MODES, precision_modes, resolve_amp_dtype
+from custom.model.precision import AUTO_AMP, PRECISION_MODES, benchmark_modes, resolve_amp_dtype
 from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 
 
@@ -34,12 +34,7 @@ def bench(widths=(64, 32), batch_size: int = 32, crop_size: int = 160, iteration
         threads: torch CPU threads (default: torch's choice).
         modes: which of ``custom.model.precision.PRECISION_MODES`` to time (bf16 on a CPU without native bf16 is slow: leave it out there).
     """
-    try:
-        chosen = precision_modes(modes)
-    except ValueError as e:
-        raise SystemExit(f"--{e}") from None
-    if threads:
-        torch.set_num_threads(int(threads))
+    chosen = benchmark_modes(modes, threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     widths = [widths] if isinstance(widths, int) else list(widths)
     print(f"device={dev} threads={torch.get_num_threads()} batch={batch_size} tile={crop_size}x{crop_size} torch={torch.__version__}")
