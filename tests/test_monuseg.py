@@ -218,3 +218,20 @@ def test_cli_converts(tmp_path):
     label = np.asarray(Image.open(out / "labels" / "tile-1.png"))
     assert label.dtype == np.uint16 and (label == 1).sum() == 64
     assert cli.main(["--out_dir", str(out)]) == 1  # neither --raw_dir nor --download
+
+
+def test_organ_folds_cover_the_30_images():
+    """Every image of the authors' split has an organ; the leave-one-organ-out folds hold the seven
+    organs' images once each, the three 2-image organs pooled."""
+    from custom.data.monuseg import MONUSEG_SPLITS, organ_folds, organ_of
+
+    ids = MONUSEG_SPLITS["train"] + MONUSEG_SPLITS["val"]
+    organs = [organ_of(i) for i in ids]
+    assert {o: organs.count(o) for o in set(organs)} == {"breast": 6, "kidney": 6, "liver": 6, "prostate": 6, "bladder": 2,
+                                                         "colon": 2, "stomach": 2}
+    folds = organ_folds(ids)
+    assert sorted(folds) == ["breast", "kidney", "liver", "other", "prostate"]
+    assert sorted(i for members in folds.values() for i in members) == sorted(ids)
+    assert {organ_of(i) for i in folds["other"]} == {"bladder", "colon", "stomach"}
+    with pytest.raises(ValueError, match="not a MoNuSeg image id"):
+        organ_of("slide_001")
