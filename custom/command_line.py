@@ -210,3 +210,17 @@ def install_excepthook() -> None:
     """Make :func:`print_root_cause` the process's ``sys.excepthook`` (once)."""
     if sys.excepthook is not print_root_cause:
         sys.excepthook = print_root_cause
+
+
+def run_command(function, prog: str, argv: list[str] | None = None, describe=lambda e: str(root_cause(e))) -> None:
+    """Run ``function`` as a Fire command line (``argv``: the arguments, default ``sys.argv[1:]``;
+    ``-h``/``--help`` shows its help). An exception ends with ``<prog>: error: <describe(e)>`` on stderr
+    and exit status 1 (``describe``: what to tell the user, default the root cause's message)."""
+    import fire
+
+    try:
+        args = sys.argv[1:] if argv is None else list(argv)
+        fire.Fire(function, command=["--", "--help"] if any(a in ("-h", "--help") for a in args) else args)
+    except Exception as e:  # noqa: BLE001 - report the cause the bundle wraps, then fail
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        sys.exit(1)

@@ -28,10 +28,8 @@ converted to 8-bit RGB with a WARNING (see ``custom/wsi/slide.py``).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import fire
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,12 +92,9 @@ def error_message(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run :func:`segment` from the command line (``argv``: the arguments, default ``sys.argv[1:]``);
     errors end with their message (see :func:`error_message`) and exit status 1."""
-    try:
-        args = sys.argv[1:] if argv is None else list(argv)
-        fire.Fire(segment, command=["--", "--help"] if any(a in ("-h", "--help") for a in args) else args)
-    except Exception as e:  # noqa: BLE001 - report the cause the bundle wraps, then fail
-        print(f"segment.py: error: {error_message(e)}", file=sys.stderr)
-        sys.exit(1)
+    from custom.command_line import run_command
+
+    run_command(segment, "segment.py", argv, error_message)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,23 @@ def test_tiles_of_generated_pyramid(pyramid_slide, backend, tmp_path):
     assert len(list(tmp_path.glob("tile_index_*.npz"))) == 1
 
 
+
+def test_sample_items_spread_over_slides(pyramid_slide, tmp_path):
+    """Adaptation tiles: read into memory with ids naming slide and position, the same for a seed,
+    taken from every slide in turn (the generated slide twice, as two paths)."""
+    twin = tmp_path / "twin.tiff"
+    twin.symlink_to(pyramid_slide)
+    ds = WSITileDataset([str(pyramid_slide), str(twin)], magnifications=(40,), tile_size=96, backend=require_backend("openslide"))
+    items = ds.sample_items(6, seed=1)
+    assert len(items) == 6 and all(it["image"].shape == (3, 96, 96) and it["image"].dtype == np.uint8 for it in items)
+    assert [it["id"].split("_y")[0] for it in items] == ["generated_pyramid", "twin"] * 3
+    assert [it["id"] for it in ds.sample_items(6, seed=1)] == [it["id"] for it in items]
+    y, x = (int(v) for v in items[0]["id"].split("_y")[1].split("_x"))
+    np.testing.assert_array_equal(items[0]["image"], Slide(pyramid_slide, "openslide").read((y, x), (96, 96), magnification_to_mpp(40)))
+    assert len(ds.sample_items(10 ** 6)) == ds.class_sizes[0]
+    with pytest.raises(ValueError, match="n must be"):
+        ds.sample_items(0)
+
 def test_tile_index_is_cached(pyramid_slide, tmp_path, monkeypatch):
     first = WSITileDataset(pyramid_slide, tile_size=96, backend=require_backend("openslide"), cache_dir=str(tmp_path))
 

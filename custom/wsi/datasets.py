@@ -295,6 +295,23 @@ class WSITileDataset(Dataset):
         picks = [self.offsets[m] + int(rng.integers(self.class_sizes[m])) for m in np.arange(n) % len(self.class_sizes)]
         return [np.moveaxis(self.read_tile(i), 0, -1) for i in picks]
 
+    def sample_items(self, n: int, seed: int = 0) -> list[dict]:
+        """Up to ``n`` tissue tiles of the first magnification, spread over the slides (each slide's tiles
+        in a seeded random order, taken in turn), read into memory as items of the prepared-image layout:
+        ``{"image": uint8 (3, tile_size, tile_size), "id": "<slide>_y<y>_x<x>"}``. The unlabeled images
+        of self-training on a user's own slides (``bundle/configs/adapt.json``)."""
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1, got {n!r}.")
+        rng = np.random.default_rng(seed)
+        tiles = self.tiles[0]
+        per_slide = [rng.permutation(np.flatnonzero(tiles[:, 0] == si)) for si in range(len(self.paths))]
+        turns = [int(i) for k in range(max(map(len, per_slide), default=0)) for rows in per_slide if k < len(rows) for i in rows[k:k + 1]]
+        items = []
+        for row in turns[:int(n)]:
+            si, y, x = (int(v) for v in tiles[row])
+            items.append({"image": self.read_tile(self.offsets[0] + row), "id": f"{self.paths[si].stem}_y{y}_x{x}"})
+        return items
+
 
 class SlideWindowDataset(Dataset):
     """Overlapping windows over the tissue of slides, for whole-slide inference.
