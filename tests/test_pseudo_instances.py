@@ -221,3 +221,24 @@ def test_selftrain_workflow_reads_no_training_label_and_writes_a_loadable_studen
     assert student.postprocess == shipped["_extra_state"]["postprocess"] and student.stain_target == shipped["_extra_state"]["stain_target"]
     assert float(student.activation.running_tau) == pytest.approx(float(shipped["activation.running_tau"]))
     assert not torch.equal(student.state_dict()["unet.final_conv.weight"], shipped["unet.final_conv.weight"])
+
+
+def test_second_opinion_ignores_what_only_one_method_finds():
+    """A target piece the second method confirms stays; a piece only the target has, and a nucleus only the
+    second method has, become ignored (weight 0, with the dilation); the rest of the weight is untouched."""
+    from custom.training.pseudo_instances import second_opinion_target
+
+    target = np.zeros((2, 40, 40), np.float32)
+    target[1] = 1
+    target[0, 5:12, 5:12] = 1
+    target[0, 25:32, 5:12] = 1
+    other = np.zeros((40, 40))
+    other[6:12, 5:12] = 1  # 6 of the 7 rows: confirmed
+    other[25:32, 25:32] = 1  # only the second method
+    out = second_opinion_target(target, other, min_overlap=0.5, ignore_dilation=1)
+    assert out[0, 8, 8] == 1 and out[1, 8, 8] == 1
+    assert out[0, 28, 8] == 0 and out[1, 28, 8] == 0 and out[1, 28, 24] == 0
+    assert out[1, 28, 28] == 0 and out[1, 20, 20] == 1 and out[1, 0, 0] == 1
+    assert np.array_equal(target[0, 25:32, 5:12], np.ones((7, 7)))  # the input is not changed
+    strict = second_opinion_target(target, other, min_overlap=0.9, ignore_dilation=0)
+    assert strict[1, 8, 8] == 0  # 6/7 of it confirmed is below 0.9

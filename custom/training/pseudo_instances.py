@@ -50,8 +50,9 @@ from custom.inference.postprocess import OTSU, PostprocessParams, attention_to_i
 from custom.training.distillation import DistillationLoss, tuned_slope
 from custom.transforms import DIHEDRAL_NAMES, dihedral, dihedral_inverse
 
-__all__ = ['REJECTION_REASONS', 'PseudoInstanceLoss', 'PseudoInstances', 'PseudoInstancesd', 'carve_touching', 'dihedral_attention',
-           'instance_confidence', 'pseudo_instance_target', 'summarise_stats', 'teacher_threshold']
+__all__ = ['REJECTION_REASONS', 'PseudoInstanceLoss', 'PseudoInstances', 'PseudoInstancesd', 'SecondOpiniond', 'carve_touching',
+           'dihedral_attention', 'instance_confidence', 'pseudo_instance_target', 'second_opinion_target', 'summarise_stats',
+           'teacher_threshold']
 
 REJECTION_REASONS = ("area", "solidity", "margin", "agreement")
 _STAT_COUNTS = ("instances", "kept", "rejected", *(f"rejected_{r}" for r in REJECTION_REASONS))
@@ -313,6 +314,64 @@ class PseudoInstancesd(MapTransform):
     def attach(self, engine: Engine) -> None:
         """As a handler of the trainer: :meth:`summary` when training starts (the targets are cached by then)."""
         engine.add_event_handler(Events.STARTED, self.summary)
+
+
+def second_opinion_target(target: np.ndarray, other: np.ndarray, min_overlap: float = 0.5, ignore_dilation: int = 2) -> np.ndarray:
+    """``target`` ``(2, H, W)`` (foreground, weight; :func:`pseudo_instance_target`) where a second,
+    independent method agrees: a foreground piece (a connected component of channel 0) of which less
+    than ``min_overlap`` lies on ``other``'s foreground, and a piece of ``other``'s foreground of which
+    less than ``min_overlap`` lies on the target's, get weight 0 (dilated by ``ignore_dilation`` pixels);
+    the unconfirmed foreground becomes background there (ignored). ``other``: ``(H, W)``, non-zero = nucleus."""
+    out = np.array(target, dtype=np.float32, copy=True)
+    mine, theirs = out[0] > 0, np.asarray(other) != 0
+    unconfirmed = np.zeros(mine.shape, bool)
+    for a, b in ((mine, theirs), (theirs, mine)):
+        pieces, n = ndimage.label(a)
+        if n:
+            area = np.bincount(pieces.ravel(), minlength=n + 1)
+            shared = np.bincount(pieces[b], minlength=n + 1)
+            lonely = shared < min_overlap * area
+            lonely[0] = False
+            unconfirmed |= lonely[pieces]
+    if ignore_dilation > 0 and unconfirmed.any():
+        unconfirmed = ndimage.binary_dilation(unconfirmed, disk(int(ignore_dilation)))
+    out[0][unconfirmed] = 0.0
+    out[1][unconfirmed] = 0.0
+    return out
+
+
+class SecondOpiniond(MapTransform):
+    """Keeps only the pseudo-instance targets (``label_key``, :class:`PseudoInstancesd`) that a second
+    method finds too (:func:`second_opinion_target`): ``method`` (e.g. the hematoxylin local-threshold
+    baseline, :mod:`custom.evaluation.baselines`) maps the ImageNet-normalised image ``keys`` ``(3, H, W)``
+    to a foreground map that ``postprocess`` (its tuned parameters) turns into instances.
+
+    Args:
+        keys: the image key (one), ImageNet-normalised.
+        method: an ``nn.Module`` ``(B, 3, H, W) -> (B, 1, H, W)``.
+        postprocess: its :class:`PostprocessParams` fields (e.g. ``bundle/configs/baselines/hematoxylin_local_tuned.json``'s).
+        label_key: the target to filter.
+        min_overlap, ignore_dilation: see :func:`second_opinion_target`.
+    """
+
+    def __init__(self, keys: KeysCollection, method: nn.Module, postprocess: Mapping | None = None, label_key: str = "label",
+                 min_overlap: float = 0.5, ignore_dilation: int = 2):
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"SecondOpiniond takes one image key, got {self.keys}.")
+        self.method, self.label_key = method, label_key
+        self.params = PostprocessParams.from_mapping(postprocess).as_dict(with_unmarked=True)
+        self.min_overlap = _check_range("min_overlap", min_overlap)
+        self.ignore_dilation = int(_check_range("ignore_dilation", ignore_dilation))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = torch.as_tensor(d[self.keys[0]], dtype=torch.float32)[None]
+        with torch.no_grad():
+            other = attention_to_instances(self.method(image)[0, 0].numpy(), **self.params)
+        target = np.asarray(d[self.label_key], dtype=np.float32)
+        d[self.label_key] = torch.from_numpy(second_opinion_target(target, other, self.min_overlap, self.ignore_dilation))
+        return d
 
 
 class PseudoInstanceLoss(DistillationLoss):
