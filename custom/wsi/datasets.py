@@ -305,7 +305,7 @@ class WSITileDataset(Dataset):
         rng = np.random.default_rng(seed)
         tiles = self.tiles[0]
         per_slide = [rng.permutation(np.flatnonzero(tiles[:, 0] == si)) for si in range(len(self.paths))]
-        turns = [int(i) for k in range(max(map(len, per_slide), default=0)) for rows in per_slide if k < len(rows) for i in rows[k:k + 1]]
+        turns = [int(rows[k]) for k in range(max(map(len, per_slide), default=0)) for rows in per_slide if k < len(rows)]
         items = []
         for row in turns[:int(n)]:
             si, y, x = (int(v) for v in tiles[row])
