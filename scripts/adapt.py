@@ -43,6 +43,7 @@ def adapt(input: str, out: str, model: str | None = None, teacher_path: str | No
         work_dir: where the run keeps its tile index, logs and TensorBoard events (default: ``bundle/runs/adapt``).
         **overrides: any other key of train.json, distill.json, selftrain.json or adapt.json.
     """
+    from custom.atomic_write import write_atomic
     from custom.command_line import refuse_unknown_keys
     from custom.wsi.slide import list_slides
 
@@ -70,9 +71,7 @@ def adapt(input: str, out: str, model: str | None = None, teacher_path: str | No
         trained = Path(workflow.parser.get_parsed_content("model_path"))
     finally:
         workflow.finalize()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(trained, out_path.with_name(out_path.name + ".partial"))
-    out_path.with_name(out_path.name + ".partial").replace(out_path)  # no half-written model under the final name
+    write_atomic(out_path, lambda tmp: shutil.copyfile(trained, tmp))  # no half-written model under the final name
     print(f"adapted model: {out_path}")
 
 

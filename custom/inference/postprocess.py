@@ -49,7 +49,7 @@ from skimage.segmentation import watershed
 
 from custom.command_line import flag
 
-__all__ = ['PostprocessParams', 'AttentionToInstances', 'AttentionToInstancesd', 'attention_to_instances', 'fill_small_holes', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
+__all__ = ['PostprocessParams', 'AttentionToInstances', 'AttentionToInstancesd', 'attention_foreground', 'attention_to_instances', 'fill_small_holes', 'foreground_to_instances', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
 
 
 OTSU = "otsu"
@@ -501,6 +501,14 @@ def attention_to_instances(attention, **params) -> np.ndarray:
         ``(H, W)`` int32 instance map, 0 background, instances 1..N.
     """
     p = PostprocessParams.from_mapping(params)
+    return foreground_to_instances(attention_foreground(attention, p)[0], p)
+
+
+def attention_foreground(attention, params: PostprocessParams) -> tuple[np.ndarray, float, np.ndarray]:
+    """Step 1 of :func:`attention_to_instances`: ``(mask, threshold, blurred)``, the foreground mask
+    ``(H, W)`` bool, the threshold put on the map (Otsu's of this map, or the fixed one) and the map it
+    is put on (``attention`` after the ``attention_sigma`` blur)."""
+    p = params
     arr = _to_2d(attention, "attention")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
@@ -512,6 +520,12 @@ def attention_to_instances(attention, **params) -> np.ndarray:
     mask = arr > threshold
     if p.local_block_size:
         mask &= _local_mask(arr, p.local_block_size, p.local_offset)
+    return mask, float(threshold), arr
+
+
+def foreground_to_instances(mask, params: PostprocessParams) -> np.ndarray:
+    """Steps 2-6 of :func:`attention_to_instances`: :func:`mask_to_instances` with ``params``' values."""
+    p = params
     return mask_to_instances(mask, p.morphology_radii, p.sigma, p.footprint_radius, p.min_size, p.fill_unmarked, p.marker_h,
                              p.fill_holes)
 

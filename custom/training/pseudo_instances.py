@@ -46,13 +46,12 @@ from torch import nn
 from custom.atomic_write import write_atomic
 from custom.evaluation.metrics import InstanceOverlap
 from custom.inference.inferer import TiledAttentionInferer
-from custom.inference.postprocess import OTSU, PostprocessParams, attention_to_instances, otsu_threshold
+from custom.inference.postprocess import PostprocessParams, attention_foreground, attention_to_instances, foreground_to_instances
 from custom.training.distillation import DistillationLoss, tuned_slope
 from custom.transforms import DIHEDRAL_NAMES, dihedral, dihedral_inverse
 
 __all__ = ['REJECTION_REASONS', 'PseudoInstanceLoss', 'PseudoInstances', 'PseudoInstancesd', 'SecondOpiniond', 'carve_touching',
-           'dihedral_attention', 'instance_confidence', 'pseudo_instance_target', 'second_opinion_target', 'summarise_stats',
-           'teacher_threshold']
+           'dihedral_attention', 'instance_confidence', 'pseudo_instance_target', 'second_opinion_target', 'summarise_stats']
 
 REJECTION_REASONS = ("area", "solidity", "margin", "agreement")
 _STAT_COUNTS = ("instances", "kept", "rejected", *(f"rejected_{r}" for r in REJECTION_REASONS))
@@ -69,16 +68,6 @@ def dihedral_attention(teacher: nn.Module, image: torch.Tensor, inferer: TiledAt
         for t in views:
             maps.append(dihedral_inverse(inferer(dihedral(x, t).contiguous(), teacher), t)[0, 0].float().cpu().numpy())
     return maps
-
-
-def teacher_threshold(attention: np.ndarray, params: PostprocessParams) -> tuple[float, np.ndarray]:
-    """The foreground threshold ``params`` put on ``attention`` ``(H, W)`` (Otsu's per map, or fixed) and the
-    map it is put on (after the ``attention_sigma`` blur), as :func:`attention_to_instances` computes them."""
-    arr = np.asarray(attention, dtype=np.float32)
-    if params.attention_sigma > 0:
-        arr = ndimage.gaussian_filter(arr, params.attention_sigma)
-    threshold = otsu_threshold(arr, params.otsu_range) if params.threshold == OTSU else float(params.threshold)
-    return threshold, arr
 
 
 def _best_iou(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -205,9 +194,8 @@ class PseudoInstances(Transform):
 
     def __call__(self, img) -> torch.Tensor:
         maps = dihedral_attention(self.teacher, img, self.inferer, range(self.criteria["views"]))
-        kwargs = self.params.as_dict(with_unmarked=True)
-        instances = [attention_to_instances(m, **kwargs) for m in maps]
-        thresholds, blurred = zip(*(teacher_threshold(m, self.params) for m in maps), strict=True)
+        masks, thresholds, blurred = zip(*(attention_foreground(m, self.params) for m in maps), strict=True)
+        instances = [foreground_to_instances(mask, self.params) for mask in masks]
         confidence = instance_confidence(instances, blurred[0], thresholds[0])
         failed = self.reject(confidence)
         keep = ~np.any(np.stack(list(failed.values())), axis=0)

@@ -39,8 +39,5 @@ if [ -n "${NO_LEARNING:-}" ]; then
   bundle_evaluate "$EVAL_ROOT/train/no_learning" no_learning -- --checkpoint "$NO_LEARNING" --tta false --eval_split train
 fi
 for split in val train; do
-  echo "== $split"
-  for f in "$EVAL_ROOT/$split"/*/summary.json; do
-    $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(f\"{d['method']:<16} AJI {d['aji']:.4f}  Dice {d['dice']:.4f}  AHD {d['ahd']:.2f}  PQ {d['pq']:.4f}\")" "$f"
-  done
+  $PY scripts/results_table.py --eval_root "$EVAL_ROOT/$split" --paper false
 done
