@@ -1,9 +1,11 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.inference.inferer import TiledAttentionInferer, receptive_field_radius
+from custom.inference.inferer import TiledAttentionInferer, receptive_field_radius, set_cpu_threads
 from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
@@ -157,3 +159,23 @@ def test_invalid_inputs():
         inferer(np.zeros((1, 3, 20, 20), np.float32), net)
     with pytest.raises(ValueError, match="AttentionNet"):
         inferer(_image(1, 3, 20, 20), torch.nn.Conv2d(3, 1, 3))
+
+
+def test_set_cpu_threads_leaves_a_core_per_worker_process():
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert set_cpu_threads("auto", "cpu", worker_processes=1) == max(1, cores - 1) == torch.get_num_threads()
+        assert set_cpu_threads("auto", "cpu", worker_processes=cores + 5) == 1 == torch.get_num_threads()
+        assert set_cpu_threads(3, "cpu") == 3 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert set_cpu_threads("auto", "cuda", worker_processes=1) == 2 == torch.get_num_threads()  # a GPU: torch as it is
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads, workers, match", [(0, 0, "cpu_threads"), ("all", 0, "cpu_threads"), (True, 0, "cpu_threads"),
+                                                     ("auto", -1, "worker_processes")])
+def test_set_cpu_threads_refuses_bad_values(threads, workers, match):
+    with pytest.raises(ValueError, match=match):
+        set_cpu_threads(threads, "cpu", workers)

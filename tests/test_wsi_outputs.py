@@ -347,3 +347,20 @@ def test_segment_script_with_the_shipped_model(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert typo.returncode != 0 and "Did you mean --window?" in typo.stderr and not (tmp_path / "typo").exists()
 
+    # analysis at 20x with the override file: half the pixels, polygons still in level-0 (40x) pixels
+    at20 = subprocess.run(cmd[:4] + [str(tmp_path / "out20"), *cmd[5:], "--config", str(REPO / "bundle" / "configs" / "inference_20x.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert at20.returncode == 0, at20.stderr[-3000:]
+    summary20 = json.loads((tmp_path / "out20" / f"{image.stem}.json").read_text())
+    assert summary20["analysis_mpp"] == pytest.approx(0.5) and summary20["postprocess"]["min_size"] == 30
+    assert np.asarray(Image.open(tmp_path / "out20" / f"{image.stem}_instances.png")).shape == (500, 500)
+    assert 0.7 * summary["nuclei"] < summary20["nuclei"] < 1.3 * summary["nuclei"]
+    xs = [x for f in json.loads((tmp_path / "out20" / f"{image.stem}.geojson").read_text())["features"]
+          for x, _ in f["geometry"]["coordinates"][0]]
+    assert 900 < max(xs) <= 1000
+    # an override file that is missing, or that names an unknown key: a clear error and no output
+    for bad_config, message in (("no_such.json", "no such file"), (str(tmp_path / "typo.json"), "Did you mean --halo?")):
+        (tmp_path / "typo.json").write_text('{"hallo": 48}')
+        bad = subprocess.run(cmd[:4] + [str(tmp_path / "bad_config"), *cmd[5:], "--config", bad_config],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0 and message in bad.stderr and not (tmp_path / "bad_config").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ from custom.model.networks import ScaleAttentionModel, check_sigmoid_slope
 from custom.model.precision import autocast_context
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
-__all__ = ['TiledAttentionInferer', 'receptive_field_radius']
+__all__ = ['TiledAttentionInferer', 'receptive_field_radius', 'set_cpu_threads']
 
 
 MIN_ROI_SIZE = 16
@@ -56,6 +57,34 @@ def _attention_net(network: nn.Module) -> nn.Module:
     """The AttentionNet inside a DDP wrapper or a ScaleAttentionModel."""
     net = network.module if isinstance(getattr(network, "module", None), nn.Module) else network
     return net.attention if isinstance(net, ScaleAttentionModel) else net
+
+
+AUTO_THREADS = "auto"
+
+
+def set_cpu_threads(threads: int | str, device: torch.device | str, worker_processes: int = 0) -> int:
+    """Set torch's intra-op CPU threads for inference and return them (inference.json's ``cpu_threads``).
+
+    ``"auto"``: on a CPU device, the cores this process may run on minus one per worker process (the
+    loader's ``num_workers`` and the ``postprocess_workers``), at least 1. Torch's own default, one thread
+    per core, makes the network's threads compete with those processes: on 2 cores the generated slide's
+    window loop took longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is.
+    An integer sets that many threads on any device.
+
+    Raises:
+        ValueError: ``threads`` is neither ``"auto"`` nor an integer >= 1, or ``worker_processes`` < 0.
+    """
+    if isinstance(worker_processes, bool) or not isinstance(worker_processes, (int, np.integer)) or worker_processes < 0:
+        raise ValueError(f"worker_processes must be an integer >= 0, got {worker_processes!r}.")
+    if threads == AUTO_THREADS:
+        if torch.device(device).type != "cpu":
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores - int(worker_processes))
+    elif isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"cpu_threads must be {AUTO_THREADS!r} or an integer >= 1, got {threads!r}.")
+    torch.set_num_threads(int(threads))
+    return int(threads)
 
 
 def _splits(length: int, tile: int) -> list[tuple[int, int]]:

@@ -231,16 +231,19 @@ def bench_inference(path: Path, work_dir: Path, backend: str, extra: dict) -> di
     return {"seconds": seconds, "loop_seconds": float(summary["seconds"]), "tissue_mm2": summary["tissue_mm2"], "tissue_mp": tissue_mp,
             "windows": summary["windows"], "nuclei": summary["nuclei"], "max_rss_mib": max_rss_kib / 1024,
             "peak_pss_mib": peak_pss_kib / 1024, "amp_dtype": summary.get("amp_dtype"), "window": summary.get("window"),
-            "halo": summary.get("halo")}
+            "halo": summary.get("halo"), "analysis_mpp": float(summary["analysis_mpp"])}
 
 
 def _inference_region(extra: dict) -> tuple[int, int]:
-    """(core window, region read per window incl. halo and receptive context) in 40x pixels, from inference.json."""
+    """(core window, region read per window incl. halo and receptive context) in analysis pixels, from inference.json
+    (and the override file of ``--config``)."""
     import torch
 
     from custom.model.checkpoint import build_attention_network
 
     cfg = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
+    if "config" in extra:  # segment.py's override file (e.g. inference_20x.json)
+        cfg.update(json.loads(Path(extra["config"]).read_text()))
     window, halo = int(extra.get("window", cfg["window"])), int(extra.get("halo", cfg["halo"]))
     model = extra.get("model_path", REPO / "bundle" / "models" / "model.pt")
     architecture = torch.load(model, map_location="cpu", weights_only=True)["_extra_state"]["architecture"]
@@ -251,6 +254,7 @@ def _inference_region(extra: dict) -> tuple[int, int]:
 def _check_overrides(overrides: dict, command: str) -> None:
     """Stop on options that are neither the command's own nor inference.json keys the benchmark lets you change."""
     known = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
+    known["config"] = None  # segment.py's override files
     unknown = sorted(k for k in overrides if k not in known or k in ("input", "output_dir", "backend", "tta", "overwrite", "progress"))
     if unknown:
         _fail(f"unknown option(s) {', '.join('--' + k for k in unknown)}: not a {command} option nor an inference.json key this "
@@ -273,7 +277,8 @@ def main(size: int = 8192, tissue_fraction: float = 0.3, reads: int = 300, warmu
         inference_backend: backend of the inference run.
         work_dir: folder for the generated slide (reused when present), tile index and outputs.
         seed: generator and tile-pick seed.
-        inference_overrides: inference.json keys for the child run, e.g. ``--window 2048`` or ``--num_workers 0``.
+        inference_overrides: inference.json keys for the child run, e.g. ``--window 2048`` or ``--num_workers 0``,
+            or segment.py's ``--config bundle/configs/inference_20x.json``.
     """
     if isinstance(backends, str):
         backends = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -348,9 +353,9 @@ def main(size: int = 8192, tissue_fraction: float = 0.3, reads: int = 300, warmu
         print(f"| {b} | {' | '.join(cells)} |")
     if inf is not None:
         print()
-        print("| whole-slide inference, 40x, TTA off | tissue MP | windows | seconds | tissue MP/s | nuclei | peak RSS / PSS (level 0) |")
+        print("| whole-slide inference, TTA off | tissue MP (40x) | windows | seconds | tissue MP/s | nuclei | peak RSS / PSS (level 0) |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        print(f"| {inference_backend}, {inf['window']} px windows, {inf['halo']} px halo | {inf['tissue_mp']:.1f} | {inf['windows']} | "
+        print(f"| {inference_backend}, analysed at {10 / inf['analysis_mpp']:g}x, {inf['window']} px windows, {inf['halo']} px halo | {inf['tissue_mp']:.1f} | {inf['windows']} | "
               f"{inf['seconds']:.0f} ({inf['loop_seconds']:.0f} in the window loop) | {inf['tissue_mp'] / inf['seconds']:.3f} "
               f"({inf['tissue_mp'] / inf['loop_seconds']:.3f}) | {inf['nuclei']:,} | {inf['max_rss_mib'] / 1024:.2f} / "
               f"{inf['peak_pss_mib'] / 1024:.2f} GiB ({level0_mb:.0f} MB) |")
