@@ -161,13 +161,16 @@ def test_invalid_inputs():
         inferer(_image(1, 3, 20, 20), torch.nn.Conv2d(3, 1, 3))
 
 
-def test_set_cpu_threads_leaves_a_core_per_worker_process():
+def test_set_cpu_threads_leaves_a_core_per_worker_process(monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores = len(os.sched_getaffinity(0))
     try:
         assert set_cpu_threads("auto", "cpu", worker_processes=1) == max(1, cores - 1) == torch.get_num_threads()
         assert set_cpu_threads("auto", "cpu", worker_processes=cores + 5) == 1 == torch.get_num_threads()
         assert set_cpu_threads(3, "cpu") == 3 == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks share the cores
+        assert set_cpu_threads("auto", "cpu", worker_processes=0) == max(1, cores // 2)
         torch.set_num_threads(2)
         assert set_cpu_threads("auto", "cuda", worker_processes=1) == 2 == torch.get_num_threads()  # a GPU: torch as it is
     finally:

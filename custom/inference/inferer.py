@@ -65,8 +65,9 @@ AUTO_THREADS = "auto"
 def set_cpu_threads(threads: int | str, device: torch.device | str, worker_processes: int = 0) -> int:
     """Set torch's intra-op CPU threads for inference and return them (inference.json's ``cpu_threads``).
 
-    ``"auto"``: on a CPU device, the cores this process may run on minus one per worker process (the
-    loader's ``num_workers`` and the ``postprocess_workers``), at least 1. Torch's own default, one thread
+    ``"auto"``: on a CPU device, this process's share of the cores it may run on (all of them, or
+    1/``LOCAL_WORLD_SIZE`` under torchrun) minus one per worker process (the loader's ``num_workers`` and
+    the ``postprocess_workers``), at least 1. Torch's own default, one thread
     per core, makes the network's threads compete with those processes: on 2 cores the generated slide's
     window loop took longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is.
     An integer sets that many threads on any device.
@@ -80,6 +81,7 @@ def set_cpu_threads(threads: int | str, device: torch.device | str, worker_proce
         if torch.device(device).type != "cpu":
             return torch.get_num_threads()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # torchrun: the ranks on this machine share them
         threads = max(1, cores - int(worker_processes))
     elif isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"cpu_threads must be {AUTO_THREADS!r} or an integer >= 1, got {threads!r}.")
