@@ -67,10 +67,10 @@ def set_cpu_threads(threads: int | str, device: torch.device | str, worker_proce
 
     ``"auto"``: on a CPU device, this process's share of the cores it may run on (all of them, or
     1/``LOCAL_WORLD_SIZE`` under torchrun) minus one per worker process (the loader's ``num_workers`` and
-    the ``postprocess_workers``), at least 1. Torch's own default, one thread
-    per core, makes the network's threads compete with those processes: on 2 cores the generated slide's
-    window loop took longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is.
-    An integer sets that many threads on any device.
+    the ``postprocess_workers``), at least 1. Torch's own default, one thread per core, makes the
+    network's threads compete with those processes: on 2 cores the generated slide's window loop took
+    about 10 % longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is. An
+    integer sets that many threads on any device.
 
     Raises:
         ValueError: ``threads`` is neither ``"auto"`` nor an integer >= 1, or ``worker_processes`` < 0.

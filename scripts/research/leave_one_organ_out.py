@@ -2,9 +2,12 @@
 (:func:`custom.data.monuseg.organ_folds`: breast, kidney, liver, prostate, and bladder + colon + stomach
 pooled), a student is self-trained (``bundle/configs/selftrain.json``) on the unlabeled images of the
 other organs, its epoch chosen on the validation images of the other organs, and scored on the held-out
-organ's labels; the reference models are scored on the same images.
+organ's labels; the reference models are scored on the same images. With ``--adapt``, the shipped
+student is also adapted (``scripts/adapt.py``, no labels) to the held-out organ's own images and scored
+on their labels: what a user gets from adapting to slides of a new organ.
 
     python -m scripts.research.leave_one_organ_out --dataset_dir ../shared/data/monuseg --runs /tmp/loo
+    python -m scripts.research.leave_one_organ_out --dataset_dir ../shared/data/monuseg --selftrain false --adapt true
     python -m scripts.research.leave_one_organ_out --dataset_dir ../shared/data/monuseg --folds "['breast']" \
         --overrides "{'selftrain_learning_rate': 1e-4}"
 
@@ -60,7 +63,7 @@ def evaluate(dataset_dir: str, method: str, into: Path, ids: list[str], extra: l
 
 
 def main(dataset_dir: str, runs: str = "bundle/runs/loo", folds=None, overrides: dict | None = None, no_learning: str | None = None,
-         pseudo_cache_dir: str | None = None) -> None:
+         pseudo_cache_dir: str | None = None, selftrain: bool = True, adapt: bool = False) -> None:
     """Run the folds (``folds``: organ names, default all) and print the table.
 
     Args:
@@ -70,6 +73,9 @@ def main(dataset_dir: str, runs: str = "bundle/runs/loo", folds=None, overrides:
         overrides: config keys for every self-training run (e.g. ``{'selftrain_epochs': 5}``).
         no_learning: a no_learning model file to add as a reference row.
         pseudo_cache_dir: the teacher's pseudo-instance cache shared by the folds (default ``<runs>/pseudo_cache``).
+        selftrain: self-train a student per fold on the other organs (the fold row).
+        adapt: adapt the shipped student to each held-out organ's unlabeled images (whole 1000² images as
+            tiles, as in docs/self_training.md's adaptation on the validation images) and score it.
     """
     root = Path(runs)
     train_ids, val_ids = list_ids(dataset_dir, split="train"), list_ids(dataset_dir, split="val")
@@ -93,11 +99,26 @@ def main(dataset_dir: str, runs: str = "bundle/runs/loo", folds=None, overrides:
     for name, (method, extra, kw) in references.items():
         print(f"reference {name}", flush=True)
         per_image[name] = evaluate(dataset_dir, method, root / "references" / method, ids, extra, **kw)
-    per_image["self-trained student (fold)"] = {}
+    if selftrain:
+        per_image["self-trained student (fold)"] = {}
+    if adapt:
+        per_image["shipped student adapted to the held-out organ"] = {}
     for organ in chosen:
         held = all_folds[organ]
         run = root / organ
         print(f"fold {organ}: held out {len(held)} images", flush=True)
+        if adapt:
+            adapted = run / "adapted.pt"
+            if not adapted.is_file():
+                run.mkdir(parents=True, exist_ok=True)
+                images = [str(Path(dataset_dir) / "images" / f"{i}.png") for i in held]
+                _run([sys.executable, str(REPO / "scripts" / "adapt.py"), json.dumps(images), "--out", str(adapted), "--base_magnification", "40",
+                      "--adapt_tiles", str(len(held)), "--adapt_tile_size", "1000", "--work_dir", str(run / "adapt"),
+                      "--pseudo_cache_dir", cache, "--progress", "false"], run / "adapt.log")
+            per_image["shipped student adapted to the held-out organ"].update(
+                evaluate(dataset_dir, f"adapted_{organ}", run / "eval_adapted", held, checkpoint=adapted, tta="false"))
+        if not selftrain:
+            continue
         if not (run / "model.pt").is_file():
             run.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "monai.bundle", "run", "selftraining", "--config_file", _files(SELFTRAIN), "--dataset_dir",
