@@ -365,6 +365,10 @@ def test_progress_bar_shows_the_loss_and_closes_before_the_epoch_ends(capsys):
     assert order == [0, 0]  # no bar open when the epoch's handlers (validation, metric logs) run
     err = capsys.readouterr().err
     assert "training" in err and "loss=0.25" in err and "4/4" in err
+    quiet = Engine(lambda e, b: {"loss": 0.25})
+    ProgressBar("training", enabled="false").attach(quiet)  # a config's --progress false
+    quiet.run(range(4), max_epochs=1)
+    assert "training" not in capsys.readouterr().err
 
 
 def _selection(save_dir, weight: float):

@@ -242,12 +242,16 @@ class ProgressBar:
         desc: the bar's label (Ignite's default: "Epoch [e/n]" or "Iteration").
         output_transform: engine output -> ``{name: number}`` shown after the bar (e.g. the loss).
         persist: keep the finished bar on screen.
+        enabled: False attaches nothing (a config's ``progress`` key, e.g. ``--progress false`` in logs and batch jobs).
     """
 
-    def __init__(self, desc: str | None = None, output_transform=None, persist: bool = True):
+    def __init__(self, desc: str | None = None, output_transform=None, persist: bool = True, enabled: bool = True):
         self.desc, self.output_transform, self.persist = desc, output_transform, flag(persist, "persist")
+        self.enabled = flag(enabled, "enabled")
 
     def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
         from ignite.handlers import ProgressBar as IgniteProgressBar
 
         kwargs = {"desc": self.desc} if self.desc else {}

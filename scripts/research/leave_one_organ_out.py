@@ -29,6 +29,7 @@ from pathlib import Path
 
 import fire
 
+from custom.command_line import flag
 from custom.data.monuseg import organ_folds
 from custom.data.prepared import list_ids
 
@@ -78,6 +79,7 @@ def main(dataset_dir: str, runs: str = "bundle/runs/loo", folds=None, overrides:
             tiles, as in docs/self_training.md's adaptation on the validation images) and score it.
     """
     root = Path(runs)
+    selftrain, adapt = flag(selftrain, "selftrain"), flag(adapt, "adapt")
     train_ids, val_ids = list_ids(dataset_dir, split="train"), list_ids(dataset_dir, split="val")
     all_folds = organ_folds(train_ids + val_ids)
     chosen = list(all_folds) if folds is None else [str(f) for f in folds]
