@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fire
 
+from custom.command_line import flag
 from custom.data.monuseg import ensure_monuseg, has_prepared_data, prepare_monuseg
 
 
@@ -42,7 +43,7 @@ def prepare(out_dir: str, raw_dir: str | None = None, download: bool = False, ar
         ids = prepare_monuseg(Path(str(raw_dir)), out)
         print(f"prepared {len(ids)} images from {raw_dir} in {out}")
         return
-    if not download:
+    if not flag(download, "--download"):  # Fire passes --download false as the string 'false'
         raise ValueError("give --raw_dir DIR (the extracted official archive) or --download.")
     if has_prepared_data(out):
         print(f"{out} already holds prepared data (images/*.png); nothing to do.")
