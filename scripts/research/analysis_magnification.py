@@ -73,8 +73,8 @@ def instances_at_20x(attention: np.ndarray, params: PostprocessParams, shape: tu
     return nearest, np.where(outline | interior, nearest, 0)
 
 
-def _maps(dataset_dir: str, split: str) -> tuple[list, dict, float]:
-    """Per image ``(attention at 40x, attention at 20x, label)``, the stored parameters and the 40x seconds."""
+def _maps(dataset_dir: str, split: str) -> tuple[list, dict]:
+    """Per image ``(attention at 40x, attention at 20x, label)``, and the stored post-processing parameters."""
     parser = _evaluation(dataset_dir, split)
     preprocessing, network = parser.get_parsed_content("eval#preprocessing"), parser.get_parsed_content("eval#network").eval()
     inferer, dataset = parser.get_parsed_content("eval#inferer"), parser.get_parsed_content("eval#dataset")
