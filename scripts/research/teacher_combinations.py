@@ -17,31 +17,24 @@ from __future__ import annotations
 
 import fire
 import numpy as np
-import torch
 from monai.bundle import ConfigParser
 
 from custom.evaluation.metrics import aji
 from custom.inference.postprocess import PostprocessParams, attention_to_instances, foreground_to_instances
+from scripts.tune_postprocess import attention_maps
 
 BASELINE = ["bundle/configs/baselines/hematoxylin_local.json", "bundle/configs/baselines/hematoxylin_local_tuned.json"]
 
 
-def _pipeline(dataset_dir: str, split: str, extra: list[str]) -> dict:
+def instances(dataset_dir: str, split: str, extra: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """The evaluation workflow's instances of ``split`` (its own preprocessing, network, inferer and
+    stored post-processing; ``extra``: override files), the labels, and the post-processing parameters."""
     parser = ConfigParser()
     parser.read_config(["bundle/configs/train.json", "bundle/configs/evaluate.json", *extra])
     parser.update({"bundle_root": "bundle", "dataset_dir": dataset_dir, "eval_split": split})
-    dataset = parser.get_parsed_content("eval#dataset")
-    dataset.transform = None
-    return {"preprocessing": parser.get_parsed_content("eval#preprocessing"), "network": parser.get_parsed_content("eval#network").eval(),
-            "inferer": parser.get_parsed_content("eval#inferer"), "dataset": dataset,
-            "params": parser.get_parsed_content("eval#postprocess_params")}
-
-
-def _instances(pipeline: dict, item: dict) -> np.ndarray:
-    x = pipeline["preprocessing"]({"image": item["image"], "label": item["label"]})["image"]
-    with torch.no_grad():
-        attention = np.asarray(pipeline["inferer"](x[None].float(), pipeline["network"])[0, 0], np.float32)
-    return attention_to_instances(attention, **pipeline["params"])
+    params = parser.get_parsed_content("eval#postprocess_params")
+    maps, _ = attention_maps(parser)
+    return [attention_to_instances(a, **params) for a, _ in maps], [label for _, label in maps], params
 
 
 def add_lonely(base: np.ndarray, other: np.ndarray, max_overlap: float = 0.1) -> np.ndarray:
@@ -61,12 +54,11 @@ def main(dataset_dir: str = "../shared/data/monuseg") -> None:
              "foreground union", "foreground intersection"]
     table = {}
     for split in ("val", "train"):
-        student, hematoxylin = _pipeline(dataset_dir, split, []), _pipeline(dataset_dir, split, BASELINE)
-        split_params = PostprocessParams.from_mapping(hematoxylin["params"])
+        student, labels, _ = instances(dataset_dir, split, [])
+        hematoxylin, _, hematoxylin_params = instances(dataset_dir, split, BASELINE)
+        split_params = PostprocessParams.from_mapping(hematoxylin_params)
         scores = {name: [] for name in names}
-        for i in range(len(student["dataset"])):
-            item = student["dataset"][i]
-            s, h, label = _instances(student, item), _instances(hematoxylin, item), item["label"][0]
+        for s, h, label in zip(student, hematoxylin, labels, strict=True):
             for name, pred in zip(names, (s, h, add_lonely(s, h), add_lonely(h, s), foreground_to_instances((s > 0) | (h > 0), split_params),
                                           foreground_to_instances((s > 0) & (h > 0), split_params))):
                 scores[name].append(aji(label, pred))
