@@ -232,28 +232,90 @@ class ReinhardNormalize(Transform):
         self.target_stds = np.asarray(target_stds, dtype=np.float64)
         self.brightness_percentile = brightness_percentile
         self.max_std_ratio = None if max_std_ratio is None else float(max_std_ratio)
+        self._source: np.ndarray | None = None  # the source statistics that came last (a slide's), and its colours:
+        self._table: _ColourTable | None = None
 
     def __call__(self, img, source=None):
         """img: ``(3, H, W)`` RGB in [0, 1]; returns the same shape and type.
-        source: None, or the 7 source statistics of :func:`reinhard_source_stats`."""
+        source: None, or the 7 source statistics of :func:`reinhard_source_stats`.
+
+        With ``source``, the mapping is one function of the colour for all windows of a slide: from the
+        second image with the same ``source`` on, when it holds 8-bit colours (every value ``k / 255``, as
+        ``ScaleIntensityRange`` makes them from uint8), each colour is computed once and looked up afterwards
+        (:class:`_ColourTable`), with the same float32 results as computing every pixel."""
         if source is None:
             rgb = _standardise_brightness(_to_hwc(img), self.brightness_percentile)
             lab = rgb_to_lab(rgb)
-            mu = lab.reshape(-1, 3).mean(0, dtype=np.float64)
-            sd = lab.reshape(-1, 3).std(0, dtype=np.float64)
-        else:
-            src = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float64).reshape(-1)
-            if src.shape != (7,):
-                raise ValueError(f"Reinhard source statistics must be 7 numbers (white, 3 means, 3 stds), got shape {src.shape}.")
-            white = None if np.isnan(src[0]) else float(src[0])
-            lab = rgb_to_lab(_standardise_brightness(_to_hwc(img), None, white))
-            mu, sd = src[1:4], src[4:7]
+            return _like(self._transfer(lab, lab.reshape(-1, 3).mean(0, dtype=np.float64), lab.reshape(-1, 3).std(0, dtype=np.float64)), img)
+        src = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float64).reshape(-1)
+        if src.shape != (7,):
+            raise ValueError(f"Reinhard source statistics must be 7 numbers (white, 3 means, 3 stds), got shape {src.shape}.")
+        if self._source is None or not np.array_equal(self._source, src, equal_nan=True):
+            self._source, self._table = src, None  # a slide's first window (or a single image): computed directly
+            return _like(self._with_source(_to_hwc(img), src), img)
+        codes = _colour_codes(img)
+        if codes is None:
+            return _like(self._with_source(_to_hwc(img), src), img)
+        if self._table is None:
+            self._table = _ColourTable()
+        return _like(self._table.lookup(codes, lambda rgb: self._with_source(rgb, src)), img)
+
+    def _with_source(self, rgb: np.ndarray, src: np.ndarray) -> np.ndarray:
+        """Normalised float32 RGB ``(..., 3)`` of float64 RGB ``(..., 3)`` in [0, 1] under the 7 source statistics."""
+        white = None if np.isnan(src[0]) else float(src[0])
+        return self._transfer(rgb_to_lab(_standardise_brightness(rgb, None, white)), src[1:4], src[4:7])
+
+    def _transfer(self, lab: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+        """Reinhard's transfer of CIELAB ``(..., 3)`` from means ``mu``, stds ``sd`` to the target: float32 RGB."""
         scale = self.target_stds / np.maximum(sd, 1e-6)
         if self.max_std_ratio is not None:
             scale = np.clip(scale, 1.0 / self.max_std_ratio, self.max_std_ratio)
         lab = (lab - mu.astype(np.float32)) * scale.astype(np.float32) + self.target_means.astype(np.float32)
         lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
-        return _like(lab_to_rgb(lab), img)
+        return lab_to_rgb(lab)
+
+
+_EIGHT_BIT = np.arange(256, dtype=np.float32) / np.float32(255)  # uint8 k -> k / 255, as ScaleIntensityRange computes it in float32
+
+
+def _colour_codes(img) -> np.ndarray | None:
+    """The 24-bit colour codes ``(H, W)`` (``r << 16 | g << 8 | b``) of a ``(3, H, W)`` image whose values are all
+    ``k / 255`` in float32 (or uint8), else None."""
+    arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise ValueError(f"expected a channel-first RGB image (3, H, W), got shape {arr.shape}.")
+    if arr.dtype == np.uint8:
+        k = arr
+    elif arr.dtype == np.float32:
+        k = np.rint(np.clip(arr, 0.0, 1.0) * np.float32(255)).astype(np.uint8)
+        if not np.array_equal(_EIGHT_BIT[k], arr):
+            return None
+    else:
+        return None
+    return (k[0].astype(np.uint32) << 16) | (k[1].astype(np.uint32) << 8) | k[2]
+
+
+class _ColourTable:
+    """One slide's normalised colour for each 24-bit colour met so far.
+
+    The table is allocated untouched (about 200 MB of address space, 12 bytes per colour); only the pages of the
+    colours a slide holds are ever written, a few tens of MB for H&E. Each window computes only the colours not met
+    in earlier windows, so on a slide of many windows the stain normalisation becomes a lookup."""
+
+    def __init__(self):
+        self.known = np.zeros(1 << 24, dtype=bool)
+        self.values = np.empty((1 << 24, 3), dtype=np.float32)
+
+    def lookup(self, codes: np.ndarray, compute) -> np.ndarray:
+        """Normalised float32 ``(H, W, 3)`` of the colour codes ``(H, W)``; ``compute`` maps float64 RGB
+        ``(1, N, 3)`` in [0, 1] to float32 ``(1, N, 3)`` for the colours not yet in the table."""
+        flat = codes.reshape(-1)
+        new = np.unique(flat[~self.known[flat]])
+        if new.size:
+            rgb = np.stack([_EIGHT_BIT[(new >> shift) & 255] for shift in (16, 8, 0)], axis=-1).astype(np.float64)
+            self.values[new] = compute(rgb[None])[0]
+            self.known[new] = True
+        return self.values[flat].reshape(*codes.shape, 3)
 
 
 class RandHEDJitter(RandomizableTransform):

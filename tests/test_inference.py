@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from custom.inference.inferer import TiledAttentionInferer, receptive_field_radius, set_cpu_threads
+from custom.inference.inferer import TiledAttentionInferer, cpu_cores, receptive_field_radius, set_cpu_threads
 from custom.model.networks import AttentionNet, ScaleAttentionModel, scale_classifier
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
@@ -175,6 +175,24 @@ def test_set_cpu_threads_leaves_a_core_per_worker_process(monkeypatch):
         assert set_cpu_threads("auto", "cuda", worker_processes=1) == 2 == torch.get_num_threads()  # a GPU: torch as it is
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_cores_is_this_process_share(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_cores() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores + 3))  # more ranks than cores: still one each
+    assert cpu_cores() == 1
+
+
+def test_auto_postprocess_workers_are_one_per_core(monkeypatch, tmp_path):
+    from custom.wsi.writer import SlideNucleiWriter
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert SlideNucleiWriter(str(tmp_path), []).workers == cpu_cores()
+    assert SlideNucleiWriter(str(tmp_path), [], workers=0).workers == 0
+    with pytest.raises(ValueError, match="postprocess_workers must be 'auto' or an integer"):
+        SlideNucleiWriter(str(tmp_path), [], workers="all")
 
 
 @pytest.mark.parametrize("threads, workers, match", [(0, 0, "cpu_threads"), ("all", 0, "cpu_threads"), (True, 0, "cpu_threads"),

@@ -163,3 +163,30 @@ def test_compare_stain_normalisation_script(prepared_dataset, capsys):
     assert len(rows) == 2 and all(line.count("|") == 5 for line in rows)
     with pytest.raises(SystemExit, match="pairs"):
         module.compare(str(prepared_dataset), settings=[90])
+
+
+def test_reinhard_with_slide_statistics_looks_colours_up_with_the_same_values():
+    """From a slide's second window on, 8-bit colours are computed once and looked up: the
+    float32 results equal computing every pixel (float64 input takes the direct path)."""
+    from PIL import Image
+
+    from custom.transforms import reinhard_source_stats
+    from tests.conftest import require_monuseg
+
+    root = require_monuseg()
+    windows = [np.asarray(Image.open(root / "images" / f"{i}.png").convert("RGB"))[:400, :300]
+               for i in ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5711-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1")]
+    for percentile in (None, 90.0):
+        source = reinhard_source_stats(windows[:2], percentile)
+        normalise = ReinhardNormalize([56.3, 27.4, -11.8], [18.0, 9.1, 7.6], None, 1.5)
+        for rgb in windows:
+            x = torch.from_numpy(np.moveaxis(rgb, -1, 0).copy()).float() / 255  # ScaleIntensityRange's values
+            direct = ReinhardNormalize([56.3, 27.4, -11.8], [18.0, 9.1, 7.6], None, 1.5)(x.numpy().astype(np.float64), source)
+            np.testing.assert_array_equal(normalise(x, source).numpy(), direct)
+        assert normalise._table is not None and normalise._table.known.sum() == len(np.unique(np.concatenate(windows[1:]).reshape(-1, 3), axis=0))
+        off_grid = x + 1e-4  # not k / 255: computed directly, and the slide's table is kept
+        np.testing.assert_array_equal(normalise(off_grid, source).numpy(),
+                                      ReinhardNormalize([56.3, 27.4, -11.8], [18.0, 9.1, 7.6], None, 1.5)(off_grid.numpy().astype(np.float64), source))
+        other = source + np.array([0, 1.0, 0, 0, 0, 0, 0])  # another slide: its first window computed directly, no table
+        normalise(x, other)
+        assert normalise._table is None

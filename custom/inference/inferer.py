@@ -33,7 +33,7 @@ from custom.model.networks import ScaleAttentionModel, check_sigmoid_slope
 from custom.model.precision import autocast_context
 from custom.transforms import EQUIVARIANCE_TRANSFORMS, dihedral, dihedral_inverse
 
-__all__ = ['TiledAttentionInferer', 'receptive_field_radius', 'set_cpu_threads']
+__all__ = ['TiledAttentionInferer', 'cpu_cores', 'receptive_field_radius', 'set_cpu_threads']
 
 
 MIN_ROI_SIZE = 16
@@ -62,12 +62,19 @@ def _attention_net(network: nn.Module) -> nn.Module:
 AUTO_THREADS = "auto"
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may use: those it may run on (``sched_getaffinity``, else all), divided
+    among the ranks of this machine under torchrun (``LOCAL_WORLD_SIZE``), at least 1. The ``"auto"`` of
+    inference.json's ``cpu_threads`` and ``postprocess_workers`` starts from it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def set_cpu_threads(threads: int | str, device: torch.device | str, worker_processes: int = 0) -> int:
     """Set torch's intra-op CPU threads for inference and return them (inference.json's ``cpu_threads``).
 
-    ``"auto"``: on a CPU device, this process's share of the cores it may run on (all of them, or
-    1/``LOCAL_WORLD_SIZE`` under torchrun) minus one per worker process (the loader's ``num_workers`` and
-    the ``postprocess_workers``), at least 1. Torch's own default, one thread per core, makes the
+    ``"auto"``: on a CPU device, this process's share of the cores (:func:`cpu_cores`) minus one per
+    worker process (the loader's ``num_workers`` and the ``postprocess_workers``), at least 1. Torch's own default, one thread per core, makes the
     network's threads compete with those processes: on 2 cores the generated slide's window loop took
     about 10 % longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is. An
     integer sets that many threads on any device.
@@ -80,9 +87,7 @@ def set_cpu_threads(threads: int | str, device: torch.device | str, worker_proce
     if threads == AUTO_THREADS:
         if torch.device(device).type != "cpu":
             return torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # torchrun: the ranks on this machine share them
-        threads = max(1, cores - int(worker_processes))
+        threads = max(1, cpu_cores() - int(worker_processes))
     elif isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"cpu_threads must be {AUTO_THREADS!r} or an integer >= 1, got {threads!r}.")
     torch.set_num_threads(int(threads))
