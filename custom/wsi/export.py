@@ -385,15 +385,17 @@ def nucleus_measurements(labels, rgb, mpp: float) -> list[dict]:
         raise ValueError(f"rgb must be a uint8 array of shape {labels.shape + (3,)}, got shape {rgb.shape} dtype {rgb.dtype}")
     if not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be a finite number > 0, got {mpp!r}")
-    hematoxylin = rgb2hed(rgb)[..., 0]
-    flat = labels.ravel().astype(np.int64)
-    counts = np.bincount(flat)
-    rr, cc = (a.ravel() for a in np.indices(labels.shape, dtype=np.float64))
+    # only the instances' pixels, in raster order (the sums add the same values in the same order as over the whole array)
+    at = np.flatnonzero(labels)
+    flat = labels.ravel()[at].astype(np.int64)
+    counts = np.bincount(flat, minlength=int(labels.max(initial=0)) + 1)
+    rr, cc = (a.astype(np.float64) for a in np.divmod(at, labels.shape[1]))
     # sums of integer coordinates are exact in float64: the centroids equal regionprops' coordinate means
     sum_r, sum_c = np.bincount(flat, rr, len(counts)), np.bincount(flat, cc, len(counts))
     perimeters = _perimeters(labels, len(counts) - 1)
     eccentricity = _eccentricities(flat, rr, cc, counts)
-    sum_h = np.bincount(flat, hematoxylin.ravel(), len(counts))
+    hematoxylin = rgb2hed(rgb.reshape(-1, 3)[at][None])[0, :, 0]  # per pixel: the same values as over the whole image
+    sum_h = np.bincount(flat, hematoxylin, len(counts))
     rows = []
     for lab in np.flatnonzero(counts[1:]) + 1:
         n = counts[lab]
