@@ -8,7 +8,7 @@ import pytest
 from custom.training.tiles import BalancedMagnificationBatchSampler
 from custom.wsi.slide import MagnificationUnavailable, Slide, magnification_to_mpp
 from custom.wsi.tissue import tissue_mask
-from custom.wsi.datasets import SlideWindowDataset, WSITileDataset, tile_coverage
+from custom.wsi.datasets import SlideWindowDataset, WSITileDataset, tile_coverage, tissue_core
 from tests.conftest import CMU_SLIDE, TCGA_SLIDE, require_backend, require_slide
 
 BACKENDS = ["cucim", "openslide"]
@@ -127,6 +127,36 @@ def test_windows_cover_the_tissue_once(pyramid_slide, backend):
         covered[y + cy0 : y + cy1, x + cx0 : x + cx1] += 1
     assert covered.max() == 1 and covered[:, : int(0.55 * 1280)].min() == 1
     assert np.isfinite(ds.stain[0]).all()
+
+
+def test_tissue_core_shrinks_a_core_to_its_tissue_and_margin():
+    mask = np.zeros((10, 10), bool)
+    mask[2:4, :5] = True  # level-0 rows 8-16, columns 0-20 (4 level-0 pixels per mask pixel)
+    assert tissue_core(mask, 4.0, (0, 0, 40, 40), 1.0, 3) == (5, 0, 19, 23)
+    assert tissue_core(mask, 4.0, (0, 0, 20, 20), 2.0, 1) == (3, 0, 9, 11)  # analysis pixels of 2 level-0 pixels
+    assert tissue_core(mask, 4.0, (0, 24, 40, 40), 1.0, 3) == (0, 24, 40, 40)  # no tissue under it: as it is
+    assert tissue_core(mask, 4.0, (10, 10, 14, 14), 1.0, 30) == (10, 10, 14, 14)  # never beyond the core
+
+
+def test_windows_shrink_to_the_tissue_with_a_margin(pyramid_slide):
+    # 320-pixel cores: the tissue (the slide's left 60 %, 768 pixels) ends inside the third column of cores
+    whole = SlideWindowDataset(pyramid_slide, magnification=40, window=320, halo=32, context=7, backend=require_backend("cucim"))
+    ds = SlideWindowDataset(pyramid_slide, magnification=40, window=320, halo=32, context=7, backend="cucim", tissue_margin_um=16)
+    assert len(ds) == len(whole)
+    mask, factor = tissue_mask(Slide(pyramid_slide, "cucim"), ds.tissue)
+    near = np.kron(mask, np.ones((int(factor), int(factor)), int))[:1536, :1280]
+    covered = np.zeros((1536, 1280), int)
+    for i in range(len(ds)):
+        item = ds[i]
+        y, x = item["box"][:2]
+        cy0, cx0, cy1, cx1 = item["core"]
+        covered[y + cy0 : y + cy1, x + cx0 : x + cx1] += 1
+    assert covered.max() == 1 and covered[near[: covered.shape[0], : covered.shape[1]] > 0].min() == 1  # all tissue, once
+    assert covered.sum() < sum((c[4] - c[2]) * (c[5] - c[3]) for c in whole.windows)  # less glass than whole cores
+    cols = np.flatnonzero(covered.any(0))
+    assert cols.max() <= np.flatnonzero(near.any(0)).max() + 16 / 0.25 + 1  # at most the margin beyond the tissue
+    with pytest.raises(ValueError, match="tissue_margin_um"):
+        SlideWindowDataset(pyramid_slide, backend="cucim", tissue_margin_um=-1)
 
 
 def test_windows_at_a_lower_magnification_and_roi(pyramid_slide):

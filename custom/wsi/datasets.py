@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from custom.wsi.slide import (
 )
 from custom.wsi.tissue import TissueParams, tissue_mask
 
-__all__ = ['SlideWindowDataset', 'WSITileDataset', 'slide_stain_stats', 'tile_coverage']
+__all__ = ['SlideWindowDataset', 'WSITileDataset', 'slide_stain_stats', 'tile_coverage', 'tissue_core']
 
 
 logger = logging.getLogger(__name__)
@@ -313,11 +314,38 @@ class WSITileDataset(Dataset):
         return items
 
 
+def tissue_core(mask: np.ndarray, factor: float, core: Sequence[int], scale: float, margin: float) -> tuple[int, int, int, int]:
+    """A window's core shrunk to the tissue in it: the box of the tissue-mask pixels that overlap ``core``,
+    grown by ``margin``, within ``core``.
+
+    Args:
+        mask, factor: a tissue mask and its level-0 pixels per mask pixel (:func:`custom.wsi.tissue.tissue_mask`).
+        core: ``(y0, x0, y1, x1)`` in analysis pixels.
+        scale: level-0 pixels per analysis pixel.
+        margin: analysis pixels kept around the tissue.
+
+    Returns:
+        ``(y0, x0, y1, x1)`` inside ``core``; ``core`` itself when no mask pixel overlaps it.
+    """
+    y0, x0, y1, x1 = (int(v) for v in core)
+    per = factor / scale  # analysis pixels per mask pixel
+    my0, mx0 = max(0, math.floor(y0 / per)), max(0, math.floor(x0 / per))
+    my1, mx1 = min(mask.shape[0], math.ceil(y1 / per)), min(mask.shape[1], math.ceil(x1 / per))
+    ys, xs = np.nonzero(mask[my0:my1, mx0:mx1])
+    if not len(ys):
+        return y0, x0, y1, x1
+    return (max(y0, math.floor((my0 + ys.min()) * per - margin)), max(x0, math.floor((mx0 + xs.min()) * per - margin)),
+            min(y1, math.ceil((my0 + ys.max() + 1) * per + margin)), min(x1, math.ceil((mx0 + xs.max() + 1) * per + margin)))
+
+
 class SlideWindowDataset(Dataset):
     """Overlapping windows over the tissue of slides, for whole-slide inference.
 
     The analysis grid is the slide at ``magnification`` (pixels of ``10 / magnification``
     um). It is cut into *cores* of ``window`` pixels; cores without tissue are skipped.
+    With the tissue mask, each core is then shrunk to the tissue it holds plus ``tissue_margin_um``
+    (:func:`tissue_core`): glass at the edge of the tissue is neither inferred nor post-processed, and
+    nuclei farther than that margin from the tissue mask are not sought.
     Each item is the core grown by ``halo`` (post-processing context: nuclei cut by the
     core border are completed there) and by ``context`` (the attention network's
     receptive radius, so the attention of core + halo is exact), clipped to the slide.
@@ -346,6 +374,7 @@ class SlideWindowDataset(Dataset):
         allow_upsample: enlarge slides coarser than ``magnification`` (with a warning) instead of stopping.
         tissue: :class:`custom.wsi.tissue.TissueParams` fields, or None.
         use_tissue_mask: False: every window of the slide (plain images, tissue microarrays).
+        tissue_margin_um: glass kept around the tissue mask in each core, micrometres (>= 0), or None: whole cores.
         roi: None, or a level-0 box ``[y, x, h, w]`` to analyse instead of the whole slide.
         stain_regions: number of tissue regions pooled for each slide's colour statistics
             (:func:`slide_stain_stats`); 0: none, each window is normalised by its own colours.
@@ -368,6 +397,7 @@ class SlideWindowDataset(Dataset):
         allow_upsample: bool = True,
         tissue: dict | None = None,
         use_tissue_mask: bool = True,
+        tissue_margin_um: float | None = None,
         roi: Sequence[int] | None = None,
         stain_regions: int = 8,
         stain_region_size: int = 512,
@@ -387,6 +417,10 @@ class SlideWindowDataset(Dataset):
         self.allow_upsample = flag(allow_upsample, "allow_upsample")
         self.use_tissue_mask = flag(use_tissue_mask, "use_tissue_mask")
         self.tissue = TissueParams(**(tissue or {}))
+        if tissue_margin_um is not None and (isinstance(tissue_margin_um, bool) or not isinstance(tissue_margin_um, (int, float))
+                                             or not math.isfinite(tissue_margin_um) or tissue_margin_um < 0):
+            raise ValueError(f"tissue_margin_um must be a number >= 0 (micrometres) or None (whole cores), got {tissue_margin_um!r}.")
+        self.tissue_margin = None if tissue_margin_um is None else float(tissue_margin_um) / self.target_mpp  # analysis pixels
         self.roi = None if roi is None else [int(v) for v in roi]
         if self.roi is not None and (len(self.roi) != 4 or self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
             raise ValueError(f"roi must be a level-0 box [y, x, height, width] with positive size, got {roi!r}.")
@@ -457,6 +491,8 @@ class SlideWindowDataset(Dataset):
             tissue_mm2 = float(mask.sum()) * (factor * slide.mpp) ** 2 / 1e6
             cover = tile_coverage(mask, factor, np.asarray(cores, dtype=np.float64) * f) if cores else np.zeros(0)
             cores = [c for c, v in zip(cores, cover) if v > 0]
+            if self.tissue_margin is not None:
+                cores = [tissue_core(mask, factor, c, f, self.tissue_margin) for c in cores]
         else:
             tissue_mm2 = (y1 - y0) * (x1 - x0) * (self.target_mpp**2) / 1e6
         if not cores:
