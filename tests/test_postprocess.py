@@ -362,6 +362,9 @@ def test_fast_steps_equal_the_library_functions(monkeypatch):
         with monkeypatch.context() as m:  # without skimage's private loop: its public function
             m.setattr(postprocess, "_reconstruction_loop", None)
             assert np.array_equal(postprocess._lowered_reconstruction(distance, 0.5), expected)
+        for flat in (np.zeros((5, 6)), np.pad(np.full((2, 2), 0.3), 2)):  # no top rises 0.5 above the floor
+            assert np.array_equal(postprocess._lowered_reconstruction(flat, 0.5),
+                                  reconstruction(flat - 0.5, flat, method="dilation", footprint=np.ones((3, 3), bool)))
         holes = ndimage.label(ndimage.binary_fill_holes(seg) & ~seg)[0]
         small = np.bincount(holes.ravel()) <= 4
         small[0] = False

@@ -362,55 +362,52 @@ def _footprint_peaks(distance: np.ndarray, seg: np.ndarray, radius: int) -> np.n
 
 def _lowered_reconstruction(distance: np.ndarray, h: float) -> np.ndarray:
     """``skimage.morphology.reconstruction(distance - h, distance, method="dilation")`` with the
-    8-neighbourhood, sorting only what needs sorting.
+    8-neighbourhood, computed over the pixels above the map's floor only.
 
     skimage's algorithm ranks the values of seed and mask together (two argsorts of both images)
-    and runs its compiled loop over the pixels in decreasing rank. Here only the pixels above the
-    least value of ``distance`` (the blurred distance is 0 on most of the background) are sorted,
-    the least ones going first as one block; ``distance - h`` is then sorted too (rounding is
-    monotonic), and the two sorted runs are merged with ``searchsorted`` (a seed pixel before a mask
-    pixel of equal value, as skimage's stable sort puts them). The ranks and the value table are
-    the same as skimage's; only the order among equal values may differ, which the reconstruction
-    (a unique result) does not depend on. Falls back to skimage's function when its compiled loop
-    is not available under its private name.
+    and runs its compiled loop over the pixels in decreasing rank. Let ``low`` be the least value of
+    ``distance`` (the blurred distance is 0 on most of the background). When some seed reaches
+    ``low`` (``distance.max() - h >= low``), the reconstruction is ``max(low, r)``, where ``r`` is the
+    reconstruction within the pixels above ``low``: every path through a floor pixel carries at most
+    ``low``, and the seed that reaches ``low`` carries ``low`` everywhere. So the floor pixels join the
+    one-pixel pad at rank 0 (seed and mask), which the loop neither processes nor raises, and only
+    the pixels above ``low`` are sorted (the seed ``distance - h`` in the same order, rounding being
+    monotonic); the two sorted runs are merged with ``searchsorted`` (a seed value before an equal mask
+    value, as skimage's stable sort puts them). The ranks and values are skimage's; only the order
+    among equal values may differ, which the reconstruction (a unique result) does not depend on.
+    Otherwise, or when the compiled loop is not available under its private name, skimage's function.
     """
-    if _reconstruction_loop is None:
-        return reconstruction(distance - h, distance, method="dilation", footprint=_EIGHT_CONNECTED)
-    seed = distance - h
-    height, width = distance.shape
-    ph, pw = height + 2, width + 2  # a one-pixel pad at the seed's minimum, as skimage pads
-    plane = ph * pw
     flat = distance.ravel()
-    least = flat == flat.min()
-    above = np.flatnonzero(~least)
-    by_value = np.concatenate([np.flatnonzero(least), above[np.argsort(flat[above])]])
-    by_value = (by_value // width + 1) * pw + by_value % width + 1  # into the padded plane
-    images = np.full((2, ph, pw), seed.min())
-    images[0, 1:-1, 1:-1] = seed
-    images[1, 1:-1, 1:-1] = distance
-    images = images.reshape(-1)
-    seeds, masks = images[by_value], images[by_value + plane]  # each sorted
-    n = len(by_value)
-    merged = np.empty(2 * n, by_value.dtype)
-    merged[np.arange(n) + np.searchsorted(masks, seeds, side="left")] = by_value
-    merged[np.arange(n) + np.searchsorted(seeds, masks, side="right")] = by_value + plane
-    padding = np.ones(2 * plane, bool)
-    padding[by_value] = padding[by_value + plane] = False
-    order = np.concatenate([np.flatnonzero(padding), merged])  # ascending: the padding holds the least value
-    values = images[order]
-    new_value = values[1:] != values[:-1]
-    sorted_rank = np.zeros(len(order), np.uint32)
-    np.cumsum(new_value, out=sorted_rank[1:])
-    value_map = np.concatenate([values[:1], values[1:][new_value]])
-    ranks = np.empty(len(order), np.uint32)
-    ranks[order] = sorted_rank
-    descending = order[::-1].astype(np.int32)
-    prev, following = np.full(len(order), -1, np.int32), np.full(len(order), -1, np.int32)
+    low = flat.min()
+    if _reconstruction_loop is None or flat.max() - h < low:
+        return reconstruction(distance - h, distance, method="dilation", footprint=_EIGHT_CONNECTED)
+    height, width = distance.shape
+    ph, pw = height + 2, width + 2  # a one-pixel pad, as skimage pads
+    plane = ph * pw
+    above = np.flatnonzero(flat > low)
+    above = above[np.argsort(flat[above])]
+    masks = flat[above]
+    seeds = masks - h  # sorted as well
+    at = ((above // width + 1) * pw + above % width + 1).astype(np.int32)  # into the padded plane; seed plane first
+    n = len(at)
+    seed_slot = np.arange(n) + np.searchsorted(masks, seeds, side="left")
+    mask_slot = np.arange(n) + np.searchsorted(seeds, masks, side="right")
+    merged, values = np.empty(2 * n, np.int32), np.empty(2 * n)
+    merged[seed_slot], merged[mask_slot] = at, at + plane
+    values[seed_slot], values[mask_slot] = seeds, masks
+    new_value = np.empty(2 * n, bool)
+    new_value[0] = True
+    np.not_equal(values[1:], values[:-1], out=new_value[1:])
+    ranks = np.zeros(2 * plane, np.uint32)  # rank 0: the pad and the floor, in both planes
+    ranks[merged] = np.cumsum(new_value, dtype=np.uint32)
+    value_map = np.concatenate([[low - h], values[new_value]])
+    descending = merged[::-1]
+    prev, following = np.full(2 * plane, -1, np.int32), np.full(2 * plane, -1, np.int32)
     prev[descending[1:]] = descending[:-1]
     following[descending[:-1]] = descending[1:]
     strides = np.array([dy * pw + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], np.int32)
-    _reconstruction_loop(ranks, prev, following, strides, descending[0], plane)
-    return value_map[ranks[:plane]].reshape(ph, pw)[1:-1, 1:-1]
+    _reconstruction_loop(ranks, prev, following, strides, int(descending[0]), plane)
+    return np.maximum(value_map[ranks[:plane]].reshape(ph, pw)[1:-1, 1:-1], low)
 
 
 def mask_to_instances(
