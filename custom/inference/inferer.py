@@ -74,9 +74,9 @@ def set_cpu_threads(threads: int | str, device: torch.device | str, worker_proce
     """Set torch's intra-op CPU threads for inference and return them (inference.json's ``cpu_threads``).
 
     ``"auto"``: on a CPU device, this process's share of the cores (:func:`cpu_cores`) minus one per
-    worker process (the loader's ``num_workers`` and the ``postprocess_workers``), at least 1. Torch's own default, one thread per core, makes the
-    network's threads compete with those processes: on 2 cores the generated slide's window loop took
-    about 10 % longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is. An
+    worker process (the loader's ``num_workers`` and the ``postprocess_workers``), at least 1. Torch's
+    own default, one thread per core, makes the network's threads compete with those processes: on 2
+    cores the generated slide's window loop took about 10 % longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is. An
     integer sets that many threads on any device.
 
     Raises:

@@ -345,7 +345,7 @@ class SlideWindowDataset(Dataset):
     um). It is cut into *cores* of ``window`` pixels; cores without tissue are skipped.
     With the tissue mask, each core is then shrunk to the tissue it holds plus ``tissue_margin_um``
     (:func:`tissue_core`): glass at the edge of the tissue is neither inferred nor post-processed, and
-    nuclei farther than that margin from the tissue mask are not sought.
+    nuclei centred outside the box of a core's tissue grown by that margin are not sought.
     Each item is the core grown by ``halo`` (post-processing context: nuclei cut by the
     core border are completed there) and by ``context`` (the attention network's
     receptive radius, so the attention of core + halo is exact), clipped to the slide.
