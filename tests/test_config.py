@@ -89,3 +89,16 @@ def test_check_bundle_root_and_root_cause(tmp_path, monkeypatch):
             raise RuntimeError("Failed to evaluate ConfigExpression") from e
     except RuntimeError as wrapped:
         assert str(root_cause(wrapped)) == "--epoch: not a key"
+
+
+def test_fast_override_turns_the_h_maxima_off_and_keeps_the_stored_rest():
+    """inference_fast.json: markers without the h-maxima step, a wider distance blur and footprint
+    (chosen on validation for speed, docs/speed.md); every other post-processing value is the model's."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle" / "configs" / f) for f in ("inference.json", "inference_fast.json")])
+    parser.update({"bundle_root": str(REPO / "bundle"), "device": "cpu"})
+    params, stored = parser.get_parsed_content("postprocess_params"), parser.get_parsed_content("tuned")
+    assert (params["marker_h"], params["sigma"], params["footprint_radius"]) == (0.0, 2.5, 6)
+    assert stored["marker_h"] > 0 and all(params[k] == stored[k] for k in ("threshold", "min_size", "local_block_size", "fill_holes"))
