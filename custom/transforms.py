@@ -124,11 +124,16 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0)
 
 
-def _to_hwc(img) -> np.ndarray:
+def _chw(img) -> np.ndarray:
+    """A channel-first RGB image ``(3, H, W)``, numpy or torch, as a numpy array (refused otherwise)."""
     arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
     if arr.ndim != 3 or arr.shape[0] != 3:
         raise ValueError(f"expected a channel-first RGB image (3, H, W), got shape {arr.shape}.")
-    return np.moveaxis(arr, 0, -1).astype(np.float64, copy=False)
+    return arr
+
+
+def _to_hwc(img) -> np.ndarray:
+    return np.moveaxis(_chw(img), 0, -1).astype(np.float64, copy=False)
 
 
 def _like(out_hwc: np.ndarray, ref):
@@ -281,9 +286,7 @@ _EIGHT_BIT = np.arange(256, dtype=np.float32) / np.float32(255)  # uint8 k -> k 
 def _colour_codes(img) -> np.ndarray | None:
     """The 24-bit colour codes ``(H, W)`` (``r << 16 | g << 8 | b``) of a ``(3, H, W)`` image whose values are all
     ``k / 255`` in float32 (or uint8), else None."""
-    arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    if arr.ndim != 3 or arr.shape[0] != 3:
-        raise ValueError(f"expected a channel-first RGB image (3, H, W), got shape {arr.shape}.")
+    arr = _chw(img)
     if arr.dtype == np.uint8:
         k = arr
     elif arr.dtype == np.float32:

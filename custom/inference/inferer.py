@@ -59,7 +59,7 @@ def _attention_net(network: nn.Module) -> nn.Module:
     return net.attention if isinstance(net, ScaleAttentionModel) else net
 
 
-AUTO_THREADS = "auto"
+AUTO = "auto"  # cpu_threads, postprocess_workers: a count derived from cpu_cores()
 
 
 def cpu_cores() -> int:
@@ -76,20 +76,20 @@ def set_cpu_threads(threads: int | str, device: torch.device | str, worker_proce
     ``"auto"``: on a CPU device, this process's share of the cores (:func:`cpu_cores`) minus one per
     worker process (the loader's ``num_workers`` and the ``postprocess_workers``), at least 1. Torch's
     own default, one thread per core, makes the network's threads compete with those processes: on 2
-    cores the generated slide's window loop took about 10 % longer with it (docs/speed.md). On a CUDA device ``"auto"`` leaves torch as it is. An
-    integer sets that many threads on any device.
+    cores the generated slide's window loop took about 10 % longer with it (docs/speed.md). On a CUDA
+    device ``"auto"`` leaves torch as it is. An integer sets that many threads on any device.
 
     Raises:
         ValueError: ``threads`` is neither ``"auto"`` nor an integer >= 1, or ``worker_processes`` < 0.
     """
     if isinstance(worker_processes, bool) or not isinstance(worker_processes, (int, np.integer)) or worker_processes < 0:
         raise ValueError(f"worker_processes must be an integer >= 0, got {worker_processes!r}.")
-    if threads == AUTO_THREADS:
+    if threads == AUTO:
         if torch.device(device).type != "cpu":
             return torch.get_num_threads()
         threads = max(1, cpu_cores() - int(worker_processes))
     elif isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"cpu_threads must be {AUTO_THREADS!r} or an integer >= 1, got {threads!r}.")
+        raise ValueError(f"cpu_threads must be {AUTO!r} or an integer >= 1, got {threads!r}.")
     torch.set_num_threads(int(threads))
     return int(threads)
 

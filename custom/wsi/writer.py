@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from custom.atomic_write import write_atomic
 from custom.evaluation.reports import OUTLINE_WIDTH, engine_items
-from custom.inference.inferer import cpu_cores
+from custom.inference.inferer import AUTO, cpu_cores
 from custom.inference.postprocess import attention_to_instances, keep_centred
 from custom.wsi.export import (
     GeoJSONWriter,
@@ -62,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 # zlib level 1: the same pixels as Pillow's default level 6, encoded several times faster, in somewhat larger files
 PNG_OPTIONS = {"compress_level": 1}
-AUTO_WORKERS = "auto"  # postprocess_workers: one per core
 
 
 def slide_outputs(output_dir: str | Path, name: str, is_image: bool) -> dict[str, Path]:
@@ -178,11 +177,11 @@ class SlideNucleiWriter:
 
     def __init__(self, output_dir: str, slides_info: list[dict], postprocess: dict | None = None, settings: dict | None = None,
                  max_nucleus_um2: float = 0.0, polygon_tolerance: float = 1.0, overlay_size: int = 2048, image_key: str = "rgb", pred_key: str = "pred",
-                 progress: bool = True, workers: int | str = AUTO_WORKERS):
-        if workers == AUTO_WORKERS:
+                 progress: bool = True, workers: int | str = AUTO):
+        if workers == AUTO:
             workers = cpu_cores()
         if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
-            raise ValueError(f"postprocess_workers must be {AUTO_WORKERS!r} or an integer >= 0, got {workers!r}.")
+            raise ValueError(f"postprocess_workers must be {AUTO!r} or an integer >= 0, got {workers!r}.")
         self.output_dir = Path(output_dir)
         self.slides_info = slides_info
         self.postprocess = dict(postprocess or {})
