@@ -248,6 +248,10 @@ def test_local_threshold_follows_an_uneven_background():
     # above the neighbourhood's mean by 0.1: the two discs, nothing else
     mask = local_threshold_mask(attention, block_size=61, offset=0.1)
     assert (mask & discs).sum() / (mask | discs).sum() > 0.8
+    # skimage's threshold_local in float64 (computed here in float32): the same mask but for ties
+    from skimage.filters import threshold_local
+    reference = attention > threshold_local(attention.astype(np.float64), 61, method="gaussian", offset=-0.1)
+    assert (mask != reference).mean() < 1e-4
     labels = attention_to_instances(attention, threshold=0.0, local_block_size=61, local_offset=0.1, min_size=0)
     assert labels.max() == 2
     _assert_consecutive(labels)
@@ -343,6 +347,7 @@ def test_fast_steps_equal_the_library_functions(monkeypatch):
     """The faster steps of mask_to_instances give exactly what the skimage/scipy calls they replace give."""
     from skimage.feature import peak_local_max
     from skimage.morphology import disk, reconstruction
+    from skimage.segmentation import watershed
 
     from custom.inference import postprocess
 
@@ -357,14 +362,25 @@ def test_fast_steps_equal_the_library_functions(monkeypatch):
         peaks = np.zeros(seg.shape, bool)
         peaks[tuple(peak_local_max(distance, footprint=disk(3), labels=seg.astype(np.int32), exclude_border=False).T)] = True
         assert np.array_equal(postprocess._footprint_peaks(distance, seg, 3), peaks)
-        expected = reconstruction(distance - 0.5, distance, method="dilation", footprint=np.ones((3, 3), bool))
-        assert np.array_equal(postprocess._lowered_reconstruction(distance, 0.5), expected)
-        with monkeypatch.context() as m:  # without skimage's private loop: its public function
+        # skimage's reconstruction of the distance rounded to 1/256 px above its floor (h = 0.5: 128 steps)
+        step = 1 / postprocess.MARKER_LEVELS_PER_PIXEL
+        rounded = distance.min() + np.rint((distance - distance.min()) / step) * step
+        expected = reconstruction(rounded - 0.5, rounded, method="dilation", footprint=np.ones((3, 3), bool))
+        assert np.allclose(postprocess._lowered_reconstruction(distance, 0.5), expected, rtol=0, atol=1e-12)
+        assert np.abs(postprocess._lowered_reconstruction(distance, 0.5)  # within the rounding of the exact one
+                      - reconstruction(distance - 0.5, distance, method="dilation", footprint=np.ones((3, 3), bool))).max() <= step / 2 + 1e-12
+        with monkeypatch.context() as m:  # without skimage's private loop: its public function on the rounded map
             m.setattr(postprocess, "_reconstruction_loop", None)
-            assert np.array_equal(postprocess._lowered_reconstruction(distance, 0.5), expected)
+            assert np.allclose(postprocess._lowered_reconstruction(distance, 0.5), expected, rtol=0, atol=1e-12)
         for flat in (np.zeros((5, 6)), np.pad(np.full((2, 2), 0.3), 2)):  # no top rises 0.5 above the floor
-            assert np.array_equal(postprocess._lowered_reconstruction(flat, 0.5),
-                                  reconstruction(flat - 0.5, flat, method="dilation", footprint=np.ones((3, 3), bool)))
+            rounded = np.rint(flat / step) * step
+            assert np.allclose(postprocess._lowered_reconstruction(flat, 0.5),
+                               reconstruction(rounded - 0.5, rounded, method="dilation", footprint=np.ones((3, 3), bool)), rtol=0, atol=1e-12)
+        markers, n_markers = ndimage.label(peaks, structure=np.ones((3, 3), bool))
+        markers[rng.random(seg.shape) < 0.002] = 0  # some components without a marker
+        flooded, reference = postprocess._watershed(distance, markers, n_markers, seg), watershed(-distance, markers, mask=seg)
+        # the same; on the unblurred distance (many exact ties between markers) but for a few tied pixels
+        assert np.array_equal(flooded, reference) if k % 2 else (flooded != reference).mean() < 0.005
         holes = ndimage.label(ndimage.binary_fill_holes(seg) & ~seg)[0]
         small = np.bincount(holes.ravel()) <= 4
         small[0] = False

