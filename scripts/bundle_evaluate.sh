@@ -15,7 +15,8 @@ bundle_evaluate() {
 
 # The shipped model's and the classical baselines' rows:
 #   bundle_evaluate_rows EVAL_ROOT [OVERRIDE...]
-# the model with its tuned post-processing and with the paper's (model_paper_postprocess), then each of
+# the model with its stored post-processing, with F's h-maxima markers (model_hmaxima: inference_hmaxima.json)
+# and with the paper's (model_paper_postprocess), then each of
 # $BASELINES (default: hematoxylin_otsu hematoxylin_local) with the paper's post-processing and with its
 # validation-tuned override $C/baselines/<name>_tuned.json (which must exist), each into EVAL_ROOT/<method>,
 # each with its error analysis (errors.csv, errors_summary.json: --error_analysis true).
@@ -27,6 +28,7 @@ bundle_evaluate_rows() {
     [ -f "$c/baselines/${b}_tuned.json" ] || { echo "$c/baselines/${b}_tuned.json: not found; tune it on validation first (scripts/tune_postprocess.py --method $b)" >&2; return 1; }
   done
   bundle_evaluate "$root/model" model -- --error_analysis true "$@"
+  bundle_evaluate "$root/model_hmaxima" model_hmaxima "$c/inference_hmaxima.json" -- --error_analysis true "$@"
   bundle_evaluate "$root/model_paper_postprocess" model_paper_postprocess -- --error_analysis true "$@" --eval#tuned "{}"
   for b in $BASELINES; do
     bundle_evaluate "$root/$b" "$b" "$c/baselines/$b.json" -- --error_analysis true "$@"

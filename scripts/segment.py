@@ -8,7 +8,7 @@ Usage::
     python scripts/segment.py slide_without_metadata.svs --out output --mpp 0.25
     python scripts/segment.py ../shared/data/monuseg/images --out output --base_magnification 40
     python scripts/segment.py SLIDE --out output --config bundle/configs/inference_20x.json   # faster, analysed at 20x
-    python scripts/segment.py SLIDE --out output --config bundle/configs/inference_fast.json  # faster, no h-maxima markers
+    python scripts/segment.py SLIDE --out output --config bundle/configs/inference_hmaxima.json  # h-maxima markers: slower, AJI +0.003
 
 Per slide it writes ``<name>.geojson`` (QuPath: File > Import objects),
 ``<name>.csv``, ``<name>_overlay.png``, ``<name>.json`` (and ``<name>_instances.png``
@@ -54,8 +54,8 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         overwrite: recompute slides whose outputs are already complete.
         config: override file(s) merged over inference.json, e.g. ``bundle/configs/inference_20x.json``
             (analysis at 20x: about 2x faster on 40x slides, 0.007-0.013 lower AJI) or
-            ``bundle/configs/inference_fast.json`` (no h-maxima markers: about 1.15x faster, 0.003-0.005 lower
-            AJI); docs/speed.md.
+            ``bundle/configs/inference_hmaxima.json`` (markers from the h-maxima of the distance, the set tuned
+            before 0.15.0: about 1.2x slower, 0.003-0.005 higher AJI); docs/speed.md.
         **overrides: any other inference.json key (window, halo, roi, magnification, amp_dtype, num_workers, ...).
     """
     from custom.command_line import refuse_unknown_keys

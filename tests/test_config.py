@@ -91,14 +91,18 @@ def test_check_bundle_root_and_root_cause(tmp_path, monkeypatch):
         assert str(root_cause(wrapped)) == "--epoch: not a key"
 
 
-def test_fast_override_turns_the_h_maxima_off_and_keeps_the_stored_rest():
-    """inference_fast.json: markers without the h-maxima step, a wider distance blur and footprint
-    (chosen on validation for speed, docs/speed.md); every other post-processing value is the model's."""
+def test_hmaxima_override_restores_the_tuned_markers_and_keeps_the_stored_rest():
+    """The shipped model stores markers without the h-maxima step (0.15.0, for speed: docs/speed.md);
+    inference_hmaxima.json puts back the set tuned in 0.11.0 (h-maxima markers 0.5 px deep, distance blur 1,
+    footprint 5), in inference and evaluation alike; every other post-processing value is the model's."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundle" / "configs" / f) for f in ("inference.json", "inference_fast.json")])
-    parser.update({"bundle_root": str(REPO / "bundle"), "device": "cpu"})
-    params, stored = parser.get_parsed_content("postprocess_params"), parser.get_parsed_content("tuned")
-    assert (params["marker_h"], params["sigma"], params["footprint_radius"]) == (0.0, 2.5, 6)
-    assert stored["marker_h"] > 0 and all(params[k] == stored[k] for k in ("threshold", "min_size", "local_block_size", "fill_holes"))
+    configs = REPO / "bundle" / "configs"
+    for files, key in ((["inference.json"], ""), (["train.json", "evaluate.json"], "eval#")):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in (*files, "inference_hmaxima.json")])
+        parser.update({"bundle_root": str(REPO / "bundle"), "device": "cpu"})
+        params, stored = parser.get_parsed_content(f"{key}postprocess_params"), parser.get_parsed_content(f"{key}tuned")
+        assert (stored["marker_h"], stored["sigma"], stored["footprint_radius"]) == (0.0, 2.5, 6)
+        assert (params["marker_h"], params["sigma"], params["footprint_radius"]) == (0.5, 1.0, 5)
+        assert all(params[k] == stored[k] for k in ("threshold", "min_size", "local_block_size", "fill_holes", "attention_sigma"))

@@ -26,6 +26,13 @@ def test_the_student_takes_the_teachers_tau_stain_settings_and_post_processing()
     assert student.stain_settings == teacher.stain_settings and student.postprocess == teacher.postprocess
     student.postprocess["threshold"] = 0.5  # a copy, not the teacher's dict
     assert teacher.postprocess["threshold"] == "otsu"
+    # a student being fine-tuned (self-training, adaptation) keeps a post-processing of its own; one without takes the teacher's
+    own = CompactAttentionNet(stride=2, features=(4,) * 6)
+    own.postprocess = {"marker_h": 0.0, "r": 1.0}
+    assert student_from_teacher(own, teacher, keep_postprocess=True).postprocess == {"marker_h": 0.0, "r": 1.0}
+    assert student_from_teacher(own, teacher).postprocess == teacher.postprocess
+    fresh = student_from_teacher(CompactAttentionNet(stride=2, features=(4,) * 6), teacher, keep_postprocess=True)
+    assert fresh.postprocess == teacher.postprocess
     with pytest.raises(ValueError, match="stain_prior 'none' differs from the teacher's 'logit'"):
         student_from_teacher(CompactAttentionNet(stain_prior="none", features=(4,) * 6), teacher)
 

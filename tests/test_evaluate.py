@@ -427,12 +427,13 @@ def test_evaluate_all_dispatches_ablations_and_seed_replicas(tmp_path):
     proc = _evaluate_all(runs)
     assert proc.returncode == 0, proc.stderr
     evaluated = {line.split("--method ")[1].split()[0]: line for line in proc.stdout.splitlines() if "run evaluating" in line}
-    # the shipped model twice, two baselines twice each, then every run folder with a model except train
-    assert set(evaluated) == {"model", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned",
+    # the shipped model three times, two baselines twice each, then every run folder with a model except train
+    assert set(evaluated) == {"model", "model_hmaxima", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned",
                               "hematoxylin_local", "hematoxylin_local_tuned", "minus_smooth", "train_s1", "minus_smooth_s2"}
     assert "ablations/minus_smooth.json" in evaluated["minus_smooth"]
     assert evaluated["minus_smooth"].count("--eval_dir") == 1 and "--eval_dir bundle/runs/eval/minus_smooth " in evaluated["minus_smooth"]
     assert "--eval_dir bundle/runs/eval/model_paper_postprocess " in evaluated["model_paper_postprocess"]
+    assert "inference_hmaxima.json" in evaluated["model_hmaxima"] and "inference_hmaxima" not in evaluated["model"]
     assert "ablations/minus_smooth.json" in evaluated["minus_smooth_s2"]
     assert evaluated["minus_smooth_s2"].count("--eval_dir") == 1
     assert "--eval_dir bundle/runs/eval/replicas/minus_smooth_s2" in evaluated["minus_smooth_s2"]
@@ -466,8 +467,8 @@ def test_evaluate_heldout_scores_the_training_split_without_retuning(tmp_path):
     assert proc.returncode == 0, proc.stderr
     runs = [line for line in proc.stdout.splitlines() if "run evaluating" in line]
     methods = [line.split("--method ")[1].split()[0] for line in runs]
-    assert methods == ["model", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned", "hematoxylin_local",
-                       "hematoxylin_local_tuned"]
+    assert methods == ["model", "model_hmaxima", "model_paper_postprocess", "hematoxylin_otsu", "hematoxylin_otsu_tuned",
+                       "hematoxylin_local", "hematoxylin_local_tuned"]
     assert all("--eval_split train" in line and f"--eval_dir {tmp_path / 'held'}/" in line for line in runs)
     assert "baselines/hematoxylin_local_tuned.json" in runs[-1] and "tune_postprocess" not in proc.stdout
     assert proc.stdout.splitlines()[-1] == f"scripts/results_table.py --eval_root {tmp_path / 'held'} --paper false"

@@ -33,9 +33,14 @@ def tuned_slope(teacher: nn.Module) -> float:
     return float((teacher.postprocess or {}).get("r", teacher.activation.r))
 
 
-def student_from_teacher(student: nn.Module, teacher: nn.Module) -> nn.Module:
+def student_from_teacher(student: nn.Module, teacher: nn.Module, keep_postprocess: bool = False) -> nn.Module:
     """``student`` (in place) given the teacher's percentile sigmoid (its running tau included), stain
     prior gain, stain target and settings and stored post-processing; returned.
+
+    Args:
+        keep_postprocess: a student that stores a post-processing of its own keeps it (self-training and
+            adaptation fine-tune the shipped student, which ships with its own set); one without takes
+            the teacher's.
 
     Raises:
         ValueError: when the two use different stain priors.
@@ -46,7 +51,8 @@ def student_from_teacher(student: nn.Module, teacher: nn.Module) -> nn.Module:
     student.stain_prior_gain = teacher.stain_prior_gain
     student.stain_target = copy.deepcopy(teacher.stain_target)
     student.stain_settings = copy.deepcopy(teacher.stain_settings)
-    student.postprocess = copy.deepcopy(teacher.postprocess)
+    if not (keep_postprocess and getattr(student, "postprocess", None)):
+        student.postprocess = copy.deepcopy(teacher.postprocess)
     return student
 
 

@@ -47,8 +47,10 @@ CANDIDATES = {
     "stage1_tta": ("attention network F (width 32), 7-view TTA: the default before 0.14.0", [],
                    {"checkpoint": str(MODELS / "attention.pt"), "tta": True}),
     "stage1": ("attention network F (width 32), TTA off", [], {"checkpoint": str(MODELS / "attention.pt"), "tta": False}),
-    "student": ("compact student distilled from F, TTA off: the shipped default", [],
+    "student": ("compact student distilled from F, TTA off, markers without h-maxima: the shipped default", [],
                 {"checkpoint": str(MODELS / "model.pt"), "tta": False}),
+    "student_hmaxima": ("compact student, TTA off, h-maxima markers (`inference_hmaxima.json`: the default before 0.15.0)",
+                        ["inference_hmaxima.json"], {"checkpoint": str(MODELS / "model.pt"), "tta": False}),
     "student_tta": ("compact student, 7-view TTA", [], {"checkpoint": str(MODELS / "model.pt"), "tta": True}),
 }
 SEGMENT_MODELS = {"student": MODELS / "model.pt", "stage1": MODELS / "attention.pt"}
