@@ -53,7 +53,7 @@ def segment(input: str, out: str = "segmentation", model: str | None = None, bac
         device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available.
         overwrite: recompute slides whose outputs are already complete.
         config: override file(s) merged over inference.json, e.g. ``bundle/configs/inference_20x.json``
-            (analysis at 20x: about 2x faster on 40x slides, 0.007-0.013 lower AJI) or
+            (analysis at 20x: about 2x faster on 40x slides, 0.004-0.009 lower AJI) or
             ``bundle/configs/inference_hmaxima.json`` (markers from the h-maxima of the distance, the set tuned
             before 0.15.0: about 1.2x slower, 0.003-0.005 higher AJI); docs/speed.md.
         **overrides: any other inference.json key (window, halo, roi, magnification, amp_dtype, num_workers, ...).

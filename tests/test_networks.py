@@ -276,6 +276,14 @@ def test_hematoxylin_density_white_and_purple():
     assert h[0, 0, 1].min() > 0.3
     pink = HematoxylinDensity()(_normalised(np.full((1, 1, 3), (235, 170, 200), np.uint8)))
     assert pink.item() < h[0, 0, 1].min().item()  # eosin background has less hematoxylin than the nucleus
+    # the sum of the channels' densities, in float32 under bf16 autocast and in a channels-last batch too
+    x = _normalised(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    module = HematoxylinDensity()
+    expected = (-torch.log((x * module.std + module.mean).clamp(1e-6, 1.0)) * module.weights).sum(1, keepdim=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = module(x.contiguous(memory_format=torch.channels_last))
+    assert under_amp.dtype == torch.float32
+    torch.testing.assert_close(under_amp, expected, rtol=0, atol=1e-6)
 
 
 def test_receptive_radius():

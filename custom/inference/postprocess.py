@@ -347,6 +347,7 @@ def _watershed(distance: np.ndarray, markers: np.ndarray, n_markers: int, seg: n
     single = count[owner] == 1
     lut = np.zeros(n_components + 1, np.int32)
     lut[owner[single]] = marker[single]
+    lut[0] = 0  # background stays background (a marker outside the mask floods nothing)
     labels = lut[components]
     several = count >= 2
     several[0] = False

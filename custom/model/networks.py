@@ -156,8 +156,10 @@ class HematoxylinDensity(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rgb = (x.float() * self.std + self.mean).clamp(1e-6, 1.0)
         # the weighted sum over the three channels as a 1x1 convolution: one pass in either memory layout
-        # (the sum over dim 1 of a channels-last batch strides), the same values as the sum of products
-        return F.conv2d(torch.log(rgb), -self.weights)
+        # (the sum over dim 1 of a channels-last batch strides), the same values as the sum of products;
+        # in float32 under autocast too, as the elementwise sum was
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.conv2d(torch.log(rgb), -self.weights)
 
 
 class _PriorAttentionBase(nn.Module):
