@@ -155,6 +155,9 @@ def test_windows_shrink_to_the_tissue_with_a_margin(pyramid_slide):
     assert covered.sum() < sum((c[4] - c[2]) * (c[5] - c[3]) for c in whole.windows)  # less glass than whole cores
     cols = np.flatnonzero(covered.any(0))
     assert cols.max() <= np.flatnonzero(near.any(0)).max() + 16 / 0.25 + 1  # at most the margin beyond the tissue
+    assert ds.tissue_margin_um == 16.0 and whole.tissue_margin_um is None
+    # the margin needs the tissue mask: without it, whole cores, and the summary's record says so
+    assert SlideWindowDataset(pyramid_slide, backend="cucim", tissue_margin_um=16, use_tissue_mask=False).tissue_margin_um is None
     with pytest.raises(ValueError, match="tissue_margin_um"):
         SlideWindowDataset(pyramid_slide, backend="cucim", tissue_margin_um=-1)
 

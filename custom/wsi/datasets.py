@@ -420,7 +420,9 @@ class SlideWindowDataset(Dataset):
         if tissue_margin_um is not None and (isinstance(tissue_margin_um, bool) or not isinstance(tissue_margin_um, (int, float))
                                              or not math.isfinite(tissue_margin_um) or tissue_margin_um < 0):
             raise ValueError(f"tissue_margin_um must be a number >= 0 (micrometres) or None (whole cores), got {tissue_margin_um!r}.")
-        self.tissue_margin = None if tissue_margin_um is None else float(tissue_margin_um) / self.target_mpp  # analysis pixels
+        # the margin in effect (None: whole cores; it needs the tissue mask), as the run's summary records it
+        self.tissue_margin_um = float(tissue_margin_um) if tissue_margin_um is not None and self.use_tissue_mask else None
+        self.tissue_margin = None if self.tissue_margin_um is None else self.tissue_margin_um / self.target_mpp  # analysis pixels
         self.roi = None if roi is None else [int(v) for v in roi]
         if self.roi is not None and (len(self.roi) != 4 or self.roi[2] <= 0 or self.roi[3] <= 0 or min(self.roi[:2]) < 0):
             raise ValueError(f"roi must be a level-0 box [y, x, height, width] with positive size, got {roi!r}.")
