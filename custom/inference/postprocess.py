@@ -49,7 +49,7 @@ from skimage.segmentation import watershed
 
 from custom.command_line import flag
 
-__all__ = ['PostprocessParams', 'AttentionToInstances', 'AttentionToInstancesd', 'attention_foreground', 'attention_to_instances', 'fill_small_holes', 'foreground_to_instances', 'keep_centred', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
+__all__ = ['PostprocessParams', 'AttentionToInstances', 'AttentionToInstancesd', 'attention_foreground', 'attention_to_instances', 'fill_small_holes', 'foreground_to_instances', 'keep_centred', 'local_threshold', 'local_threshold_mask', 'mask_to_instances', 'otsu_threshold']
 
 
 OTSU = "otsu"
@@ -237,12 +237,18 @@ def local_threshold_mask(attention, block_size: int = 101, offset: float = 0.05)
     return _local_mask(arr, block_size, offset)
 
 
-def _local_mask(arr: np.ndarray, block_size: int, offset: float) -> np.ndarray:
-    """:func:`local_threshold_mask` of a checked ``(H, W)`` map with validated parameters: skimage's
-    ``threshold_local(arr, block_size, method="gaussian", offset=-offset)`` (its sigma and reflected
-    edges) in float32, which gave the same masks as its float64 on the 30 MoNuSeg maps, in 2/3 of the time."""
+def local_threshold(arr: np.ndarray, block_size: int, offset: float) -> np.ndarray:
+    """The threshold map of :func:`local_threshold_mask`, float32: the Gaussian-weighted local mean
+    of a checked ``(H, W)`` map plus ``offset``, as skimage's ``threshold_local(arr, block_size,
+    method="gaussian", offset=-offset)`` (its sigma and reflected edges), which in float64 gave the
+    same masks on the 30 MoNuSeg maps in 1.5x the time."""
     arr = arr.astype(np.float32, copy=False)
-    return arr > ndimage.gaussian_filter(arr, (block_size - 1) / 6.0, mode="reflect") + np.float32(offset)
+    return ndimage.gaussian_filter(arr, (block_size - 1) / 6.0, mode="reflect") + np.float32(offset)
+
+
+def _local_mask(arr: np.ndarray, block_size: int, offset: float) -> np.ndarray:
+    """:func:`local_threshold_mask` of a checked ``(H, W)`` map with validated parameters."""
+    return arr.astype(np.float32, copy=False) > local_threshold(arr, block_size, offset)
 
 
 def _check_threshold(threshold, otsu_range=DEFAULT_OTSU_RANGE) -> tuple[float, float]:

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from scipy import ndimage
-from skimage.filters import threshold_local
 
 from custom.evaluation.metrics import aji
-from custom.inference.postprocess import PostprocessParams, attention_foreground, attention_to_instances, foreground_to_instances
+from custom.inference.postprocess import PostprocessParams, attention_foreground, attention_to_instances, foreground_to_instances, local_threshold
 
 GRID = {"footprint_radius": [2, 3], "marker_h": [0.25, 0.5], "min_size": [20, 30, 40], "local_block_size": [29, 39, 51],
         "attention_sigma": [0.5, 1.0], "sigma": [0.5, 1.0]}
@@ -65,7 +64,7 @@ def instances_at_20x(attention: np.ndarray, params: PostprocessParams, shape: tu
     labels = foreground_to_instances(mask, params)
     margin = blurred - threshold
     if params.local_block_size:
-        local = threshold_local(blurred.astype(np.float64), params.local_block_size, method="gaussian", offset=-params.local_offset)
+        local = local_threshold(blurred, params.local_block_size, params.local_offset)
         margin = np.minimum(margin, blurred - local)
     outline = _fit(ndimage.zoom(margin.astype(np.float32), 2, order=1, grid_mode=True, mode="nearest") > 0, shape)
     interior = _enlarge(ndimage.binary_erosion(labels > 0, border_value=1), shape)
