@@ -1,6 +1,6 @@
 """Would a second output, a distance map learned from the pseudo-instances, split nuclei better? (issue 29)
 
-    python -m scripts.research.distance_student --dataset_dir ../shared/data/monuseg [--seeds "[0, 1, 2]"]
+    python -m scripts.research.distance_student --dataset_dir ../shared/data/monuseg [--seeds "[0, 1, 2]"] [--paste 6]
 
 The shipped model's foreground (its attention, its stored threshold steps and hole filling) is kept;
 only the landscape of the watershed that splits it into nuclei changes. Rows, AJI on the validation
@@ -17,8 +17,10 @@ U-Net at 1/4 resolution) with a sigmoid output, trained with a smooth L1 loss to
 ``min(d, 12) / 12``, ``d`` the distance of a pixel to the outline of its pseudo-instance (0 on
 background), on the weight-1 pixels of the pseudo-instance targets of ``selftrain.json`` (stage 1's
 confident instances on the training images; no label is read in training). Crops of 256 px with
-dihedral flips and a per-channel gain and offset. ``h`` is chosen on the validation labels; the
-training split's labels score the choice.
+dihedral flips and a per-channel gain and offset. With ``--paste N`` each crop also gets N of the
+image's own pseudo-instances pasted against its nuclei (:func:`paste_touching`): touching nuclei whose
+boundary is known. ``h`` is chosen on the validation labels; the training split's labels score the
+choice. docs/self_training.md has the figures.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ CLIP = 12.0  # px: the distance target saturates there (a nucleus's radius at 40
 HEIGHTS = (1.0, 2.0)
 
 
-def pseudo_targets(dataset_dir: str, pseudo_cache_dir: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image ImageNet-normalised ``(3, H, W)``, distance target and weight ``(2, H, W)``) for each training
-    image, from ``selftrain.json``'s pseudo-instances of stage 1 (cached in ``pseudo_cache_dir``)."""
+def pseudo_targets(dataset_dir: str, pseudo_cache_dir: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image ImageNet-normalised ``(3, H, W)``, pseudo-instances ``(H, W)`` int32, weight ``(H, W)``) for each
+    training image, from ``selftrain.json``'s targets of stage 1 (cached in ``pseudo_cache_dir``)."""
     parser = ConfigParser()
     parser.read_config(["bundle/configs/train.json", "bundle/configs/distill.json", "bundle/configs/selftrain.json"])
     parser.update({"bundle_root": "bundle", "dataset_dir": dataset_dir, "download": False, "pseudo_cache_dir": pseudo_cache_dir})
@@ -57,15 +59,50 @@ def pseudo_targets(dataset_dir: str, pseudo_cache_dir: str | None) -> list[tuple
     for i in range(len(images)):
         d = steps(images[i])
         target = np.asarray(d["label"], np.float32)
-        distance = np.minimum(ndimage.distance_transform_edt(target[0] > 0), CLIP) / CLIP
-        out.append((np.asarray(d["teacher_image"], np.float32), np.stack([distance, target[1]]).astype(np.float32)))
+        instances = ndimage.label(target[0] > 0)[0].astype(np.int32)  # the kept instances, apart by their carved gaps
+        out.append((np.asarray(d["teacher_image"], np.float32), instances, target[1].astype(np.float32)))
     return out
 
 
-def train(data: list[tuple[np.ndarray, np.ndarray]], seed: int, iterations: int, crop: int = 256, batch: int = 8) -> torch.nn.Module:
-    """The distance student, trained on ``data`` (see the module docstring)."""
+def nucleus_bank(image: np.ndarray, instances: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(pixels ``(3, h, w)``, mask ``(h, w)``) of each pseudo-instance of one image, for pasting."""
+    return [(image[(slice(None), *box)], instances[box] == k) for k, box in enumerate(ndimage.find_objects(instances), 1) if box is not None]
+
+
+def paste_touching(image: np.ndarray, instances: np.ndarray, weight: np.ndarray, bank, n: int, rng) -> None:
+    """Paste ``n`` nuclei of ``bank`` (flipped at random) in place, each against a nucleus of the crop, so that
+    they touch or overlap it: pseudo-instances with a known boundary between touching nuclei."""
+    size = instances.shape
+    for _ in range(n):
+        pixels, mask = bank[rng.integers(len(bank))]
+        k = int(rng.integers(4))
+        pixels, mask = np.rot90(pixels, k, (1, 2)), np.rot90(mask, k)
+        ids = np.unique(instances[instances > 0])
+        if len(ids):
+            anchor = instances == rng.choice(ids)
+            centre = np.argwhere(anchor).mean(0)
+            reach = (np.sqrt(anchor.sum() / np.pi) + np.sqrt(mask.sum() / np.pi)) * rng.uniform(0.7, 1.0)
+            angle = rng.uniform(0, 2 * np.pi)
+            centre = centre + reach * np.array([np.sin(angle), np.cos(angle)])
+        else:
+            centre = rng.uniform(0, size)
+        y0, x0 = (int(round(c - m / 2)) for c, m in zip(centre, mask.shape))
+        ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], size[0])), slice(max(x0, 0), min(x0 + mask.shape[1], size[1]))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue
+        m = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        image[:, ys, xs][:, m] = pixels[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0][:, m]
+        instances[ys, xs][m] = instances.max() + 1
+        weight[ys, xs][m] = 1.0
+
+
+def train(data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seed: int, iterations: int, paste: int = 0, crop: int = 256,
+          batch: int = 8) -> torch.nn.Module:
+    """The distance student, trained on ``data`` (see the module docstring); ``paste`` nuclei pasted per crop."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    banks = [nucleus_bank(image, instances) for image, instances, _ in data]
+    distances = [np.minimum(_own_distance(instances, outline_on_background=False), CLIP) / CLIP for _, instances, _ in data]
     net = CompactAttentionNet(stain_prior="none")
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
@@ -73,9 +110,16 @@ def train(data: list[tuple[np.ndarray, np.ndarray]], seed: int, iterations: int,
     for it in range(1, iterations + 1):
         xs, ys = [], []
         for _ in range(batch):
-            image, target = data[rng.integers(len(data))]
+            i = int(rng.integers(len(data)))
+            image, instances, weight = data[i]
             y0, x0 = (int(rng.integers(0, s - crop + 1)) for s in image.shape[1:])
-            x, y = image[:, y0:y0 + crop, x0:x0 + crop], target[:, y0:y0 + crop, x0:x0 + crop]
+            x = image[:, y0:y0 + crop, x0:x0 + crop].copy()
+            labels, w = instances[y0:y0 + crop, x0:x0 + crop].copy(), weight[y0:y0 + crop, x0:x0 + crop].copy()
+            if paste and banks[i]:  # the distance of the crop with its pasted nuclei (a nucleus cut by its edge looks smaller)
+                paste_touching(x, labels, w, banks[i], paste, rng)
+                y = np.stack([np.minimum(_own_distance(labels, outline_on_background=False), CLIP) / CLIP, w])
+            else:
+                y = np.stack([distances[i][y0:y0 + crop, x0:x0 + crop], w])
             k = int(rng.integers(4))
             x, y = np.rot90(x, k, (1, 2)), np.rot90(y, k, (1, 2))
             if rng.random() < 0.5:
@@ -105,17 +149,21 @@ def _split(landscape: np.ndarray, fg: np.ndarray, h: float, min_size: int) -> np
     return labels
 
 
-def _true_distance(gt: np.ndarray) -> np.ndarray:
-    """Each labelled nucleus's pixels' distance to its own outline (pixels next to another id are its outline)."""
-    edge = np.zeros(gt.shape, bool)
+def _own_distance(labels: np.ndarray, outline_on_background: bool = True) -> np.ndarray:
+    """Each instance's pixels' distance to its own outline: the pixels next to another instance are its
+    outline, and (``outline_on_background``) those next to the background too; without, apart instances
+    get the distance transform of the foreground."""
+    edge = np.zeros(labels.shape, bool)
     for axis in (0, 1):
-        change = np.diff(gt, axis=axis) != 0
-        lo = [slice(None)] * 2
-        hi = [slice(None)] * 2
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        edge[tuple(lo)] |= change
-        edge[tuple(hi)] |= change
-    return ndimage.distance_transform_edt((gt > 0) & ~edge)
+        a, b = [slice(None)] * 2, [slice(None)] * 2
+        a[axis], b[axis] = slice(None, -1), slice(1, None)
+        first, second = labels[tuple(a)], labels[tuple(b)]
+        change = first != second
+        if not outline_on_background:
+            change &= (first > 0) & (second > 0)
+        edge[tuple(a)] |= change
+        edge[tuple(b)] |= change
+    return ndimage.distance_transform_edt((labels > 0) & ~edge)
 
 
 def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) -> dict[str, float]:
@@ -136,7 +184,7 @@ def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) ->
         edt = ndimage.gaussian_filter(ndimage.distance_transform_edt(fg), 1.0)
         found = {"shipped": foreground_to_instances(mask, p)}
         for h in HEIGHTS:
-            found[f"bound h={h:g}"] = _split(ndimage.gaussian_filter(_true_distance(gt), 1.0), fg, h, p.min_size)
+            found[f"bound h={h:g}"] = _split(ndimage.gaussian_filter(_own_distance(gt), 1.0), fg, h, p.min_size)
         for name, net in students.items():
             with torch.no_grad():
                 learned = ndimage.gaussian_filter(torch.sigmoid(net.logits(x))[0, 0].numpy() * CLIP, 1.0)
@@ -148,11 +196,12 @@ def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) ->
     return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
-def main(dataset_dir: str, seeds=(0, 1, 2), iterations: int = 2000, pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache") -> None:
-    """Train a distance student per seed and print the AJI table (markdown)."""
+def main(dataset_dir: str, seeds=(0, 1, 2), iterations: int = 2000, paste: int = 0,
+         pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache") -> None:
+    """Train a distance student per seed (``paste``: nuclei pasted per crop) and print the AJI table (markdown)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = pseudo_targets(dataset_dir, pseudo_cache_dir)
-    students = {f"s{s}": train(data, int(s), iterations) for s in seeds}
+    students = {f"s{s}": train(data, int(s), iterations, paste) for s in seeds}
     tables = {split: score(dataset_dir, split, students) for split in ("val", "train")}
     print("| landscape | val AJI | training-split AJI |\n| --- | --- | --- |")
     for k in tables["val"]:
