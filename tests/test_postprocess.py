@@ -255,6 +255,8 @@ def test_local_threshold_follows_an_uneven_background():
     # the threshold map itself (shared with the research scripts): float32, within float32 rounding of skimage's
     threshold = local_threshold(attention, 61, 0.1)
     assert threshold.dtype == np.float32 and np.abs(threshold - reference_threshold).max() < 1e-5
+    with pytest.raises(ValueError, match="block_size"):
+        local_threshold(attention, 0, 0.1)
     labels = attention_to_instances(attention, threshold=0.0, local_block_size=61, local_offset=0.1, min_size=0)
     assert labels.max() == 2
     _assert_consecutive(labels)
