@@ -70,7 +70,7 @@ def nucleus_bank(image: np.ndarray, instances: np.ndarray) -> list[tuple[np.ndar
 
 
 def paste_touching(image: np.ndarray, instances: np.ndarray, weight: np.ndarray, bank, n: int, rng) -> None:
-    """Paste ``n`` nuclei of ``bank`` (flipped at random) in place, each against a nucleus of the crop, so that
+    """Paste ``n`` nuclei of ``bank`` (rotated by a random multiple of 90 degrees) in place, each against a nucleus of the crop, so that
     they touch or overlap it: pseudo-instances with a known boundary between touching nuclei."""
     size = instances.shape
     for _ in range(n):
