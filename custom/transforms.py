@@ -174,9 +174,8 @@ def reinhard_source_stats(images: Sequence[np.ndarray], brightness_percentile: f
         raise ValueError("reinhard_source_stats needs at least one region.")
     pixels = np.concatenate([np.asarray(i).reshape(-1, 3) for i in images])
     if pixels.dtype == np.uint8:  # each colour once, weighted by its pixel count: the same figures, ~7x faster on 1 MP
-        codes, counts = np.unique((pixels[:, 0].astype(np.uint32) << 16) | (pixels[:, 1].astype(np.uint32) << 8) | pixels[:, 2],
-                                  return_counts=True)
-        pixels = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=-1)
+        codes, counts = np.unique(_colour_codes(pixels.T[:, :, None]), return_counts=True)
+        pixels = _colour_channels(codes)
     else:
         counts = np.ones(len(pixels), dtype=np.int64)
     rgb = pixels.astype(np.float64) / 255.0
@@ -318,6 +317,11 @@ def _colour_codes(img) -> np.ndarray | None:
     return (k[0].astype(np.uint32) << 16) | (k[1].astype(np.uint32) << 8) | k[2]
 
 
+def _colour_channels(codes: np.ndarray) -> np.ndarray:
+    """The 8-bit ``(r, g, b)`` ``(..., 3)`` of 24-bit colour codes ``(...)``: the inverse of :func:`_colour_codes`."""
+    return np.stack([(codes >> shift) & 255 for shift in (16, 8, 0)], axis=-1)
+
+
 class _ColourTable:
     """One slide's normalised colour for each 24-bit colour met so far.
 
@@ -336,7 +340,7 @@ class _ColourTable:
         flat = codes.reshape(-1)
         new = np.unique(flat[~self.known[flat]])
         if new.size:
-            rgb = np.stack([_EIGHT_BIT[(new >> shift) & 255] for shift in (16, 8, 0)], axis=-1).astype(np.float64)
+            rgb = _EIGHT_BIT[_colour_channels(new)].astype(np.float64)
             self.values[new] = compute(rgb[None])[0]
             self.known[new] = True
         return self.values[flat].reshape(*codes.shape, 3)
