@@ -38,7 +38,8 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from custom.evaluation.metrics import aji
-from custom.inference.postprocess import PostprocessParams, attention_foreground, fill_small_holes, foreground_to_instances
+from custom.inference.postprocess import (PostprocessParams, _relabel_sequential, attention_foreground, fill_small_holes,
+                                          foreground_to_instances)
 from custom.model.networks import CompactAttentionNet
 from scripts.research.analysis_magnification import _evaluation
 
@@ -143,10 +144,7 @@ def _split(landscape: np.ndarray, fg: np.ndarray, h: float, min_size: int) -> np
     markers, _ = ndimage.label(h_maxima(landscape.astype(np.float32), h) & fg)
     labels = watershed(-landscape, markers, mask=fg)
     orphans, _ = ndimage.label(fg & (labels == 0))
-    labels = np.where(orphans > 0, orphans + labels.max(), labels)
-    sizes = np.bincount(labels.ravel())
-    labels[(sizes < min_size)[labels]] = 0
-    return labels
+    return _relabel_sequential(np.where(orphans > 0, orphans + labels.max(), labels), min_size)  # as mask_to_instances ends
 
 
 def _own_distance(labels: np.ndarray, outline_on_background: bool = True) -> np.ndarray:
@@ -183,8 +181,9 @@ def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) ->
         fg = fill_small_holes(mask, p.fill_holes) if p.fill_holes else mask
         edt = ndimage.gaussian_filter(ndimage.distance_transform_edt(fg), 1.0)
         found = {"shipped": foreground_to_instances(mask, p)}
+        bound = ndimage.gaussian_filter(_own_distance(gt), 1.0)
         for h in HEIGHTS:
-            found[f"bound h={h:g}"] = _split(ndimage.gaussian_filter(_own_distance(gt), 1.0), fg, h, p.min_size)
+            found[f"bound h={h:g}"] = _split(bound, fg, h, p.min_size)
         for name, net in students.items():
             with torch.no_grad():
                 learned = ndimage.gaussian_filter(torch.sigmoid(net.logits(x))[0, 0].numpy() * CLIP, 1.0)
@@ -199,7 +198,6 @@ def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) ->
 def main(dataset_dir: str, seeds=(0, 1, 2), iterations: int = 2000, paste: int = 0,
          pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache") -> None:
     """Train a distance student per seed (``paste``: nuclei pasted per crop) and print the AJI table (markdown)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = pseudo_targets(dataset_dir, pseudo_cache_dir)
     students = {f"s{s}": train(data, int(s), iterations, paste) for s in seeds}
     tables = {split: score(dataset_dir, split, students) for split in ("val", "train")}
