@@ -242,16 +242,23 @@ class ReinhardNormalize(Transform):
         target_stds: 3 LAB standard deviations.
         brightness_percentile: percentile in (0, 100] or None to skip.
         max_std_ratio: largest contrast change per LAB channel (>= 1), or None for none.
+        colour_table: with fixed ``source`` statistics, compute each 8-bit colour once per slide and look it
+            up in later windows (:class:`_ColourTable`: up to 200 MB of address space, of which only the
+            pages of the slide's colours are written); False computes every pixel of every window. The
+            values are the same.
     """
 
     def __init__(self, target_means: Sequence[float], target_stds: Sequence[float], brightness_percentile: float | None = 90.0,
-                 max_std_ratio: float | None = None):
+                 max_std_ratio: float | None = None, colour_table: bool = True):
         if len(target_means) != 3 or len(target_stds) != 3:
             raise ValueError("ReinhardNormalize needs 3 target means and 3 target stds (L*, a*, b*).")
         if brightness_percentile is not None and not 0 < brightness_percentile <= 100:
             raise ValueError(f"brightness_percentile must be in (0, 100], got {brightness_percentile}.")
         if max_std_ratio is not None and (isinstance(max_std_ratio, bool) or not isinstance(max_std_ratio, (int, float)) or not max_std_ratio >= 1):
             raise ValueError(f"max_std_ratio must be a number >= 1 or None, got {max_std_ratio!r}.")
+        if not isinstance(colour_table, bool):
+            raise ValueError(f"colour_table must be true or false, got {colour_table!r}.")
+        self.colour_table = colour_table
         self.target_means = np.asarray(target_means, dtype=np.float64)
         self.target_stds = np.asarray(target_stds, dtype=np.float64)
         self.brightness_percentile = brightness_percentile
@@ -277,7 +284,7 @@ class ReinhardNormalize(Transform):
         if self._source is None or not np.array_equal(self._source, src, equal_nan=True):
             self._source, self._table = src, None  # a slide's first window (or a single image): computed directly
             return _like(self._with_source(_to_hwc(img), src), img)
-        codes = _colour_codes(img)
+        codes = _colour_codes(img) if self.colour_table else None
         if codes is None:
             return _like(self._with_source(_to_hwc(img), src), img)
         if self._table is None:
@@ -405,9 +412,10 @@ class ReinhardNormalized(MapTransform):
     :func:`reinhard_source_stats`) when present."""
 
     def __init__(self, keys: KeysCollection, target_means, target_stds, brightness_percentile: float | None = 90.0,
-                 source_key: str | None = None, allow_missing_keys: bool = False, max_std_ratio: float | None = None):
+                 source_key: str | None = None, allow_missing_keys: bool = False, max_std_ratio: float | None = None,
+                 colour_table: bool = True):
         super().__init__(keys, allow_missing_keys)
-        self.transform = ReinhardNormalize(target_means, target_stds, brightness_percentile, max_std_ratio)
+        self.transform = ReinhardNormalize(target_means, target_stds, brightness_percentile, max_std_ratio, colour_table)
         self.source_key = source_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:

@@ -211,3 +211,18 @@ def test_reinhard_with_slide_statistics_looks_colours_up_with_the_same_values():
         other = source + np.array([0, 1.0, 0, 0, 0, 0, 0])  # another slide: its first window computed directly, no table
         normalise(x, other)
         assert normalise._table is None
+
+
+def test_reinhard_without_colour_table_computes_every_window_with_the_same_values():
+    """``colour_table`` False (inference.json's ``stain_colour_table``) keeps no table; the values are
+    those of the table; a non-boolean is refused."""
+    rng = np.random.default_rng(0)
+    windows = [torch.from_numpy(rng.integers(0, 256, (3, 40, 30)).astype(np.float32) / 255) for _ in range(3)]
+    source = np.array([0.9, 60.0, 20.0, -10.0, 15.0, 8.0, 7.0])
+    with_table = ReinhardNormalize([56.3, 27.4, -11.8], [18.0, 9.1, 7.6], None, 1.5)
+    without = ReinhardNormalize([56.3, 27.4, -11.8], [18.0, 9.1, 7.6], None, 1.5, colour_table=False)
+    for x in windows:
+        np.testing.assert_array_equal(without(x, source).numpy(), with_table(x, source).numpy())
+    assert with_table._table is not None and without._table is None
+    with pytest.raises(ValueError, match="colour_table"):
+        ReinhardNormalize([56.3, 27.4, -11.8], [18.0, 9.1, 7.6], colour_table="no")
