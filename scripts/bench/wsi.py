@@ -236,14 +236,15 @@ def bench_inference(path: Path, work_dir: Path, backend: str, extra: dict) -> di
 
 def _inference_region(extra: dict) -> tuple[int, int]:
     """(core window, region read per window incl. halo and receptive context) in analysis pixels, from inference.json
-    (and the override file of ``--config``)."""
+    and the override file(s) of ``--config``, merged in order as segment.py merges them (a top-level key replaced)."""
     import torch
 
     from custom.model.checkpoint import build_attention_network
 
     cfg = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
-    if "config" in extra:  # segment.py's override file (e.g. inference_20x.json)
-        cfg.update(json.loads(Path(extra["config"]).read_text()))
+    files = extra.get("config") or []
+    for f in [files] if isinstance(files, str) else files:  # segment.py's override files (e.g. inference_20x.json)
+        cfg.update(json.loads(Path(f).read_text()))
     window, halo = int(extra.get("window", cfg["window"])), int(extra.get("halo", cfg["halo"]))
     model = extra.get("model_path", REPO / "bundle" / "models" / "model.pt")
     architecture = torch.load(model, map_location="cpu", weights_only=True)["_extra_state"]["architecture"]
@@ -278,7 +279,7 @@ def main(size: int = 8192, tissue_fraction: float = 0.3, reads: int = 300, warmu
         work_dir: folder for the generated slide (reused when present), tile index and outputs.
         seed: generator and tile-pick seed.
         inference_overrides: inference.json keys for the child run, e.g. ``--window 2048`` or ``--num_workers 0``,
-            or segment.py's ``--config bundle/configs/inference_20x.json``.
+            or segment.py's ``--config bundle/configs/inference_20x.json`` (a list of files is merged in order).
     """
     if isinstance(backends, str):
         backends = tuple(b.strip() for b in backends.split(",") if b.strip())
