@@ -86,6 +86,31 @@ def test_torchrun_two_ranks_train_with_identical_weights(tmp_path):
     assert len(list(out.glob("events.out.tfevents*"))) == 1
 
 
+def test_torchrun_mid_epoch_resume_restores_every_ranks_draws(tmp_path):
+    """Two ranks stopped after iteration 2 of an epoch of 4 (checkpoint every 2) and resumed from
+    rank 0's checkpoint end with the weights of the uninterrupted run: the checkpoint holds each rank's
+    random generators (``rng_by_rank``) and each rank restores its own, so rank 1 draws the equivariance
+    transforms it drew in the uninterrupted run (with rank 0's state only, rank 1 drew others)."""
+    stop_after_2 = dict(SAVE_EACH_RANK, training=[
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED(once=2), lambda e: e.terminate())",
+        "$@train#trainer.run()",
+    ])
+    full_proc, full = _torchrun_training(tmp_path / "full", SAVE_EACH_RANK, 4, "--checkpoint_interval", "2")
+    assert full_proc.returncode == 0, full_proc.stdout[-3000:] + full_proc.stderr[-3000:]
+    stopped, run = _torchrun_training(tmp_path / "run", stop_after_2, 4, "--checkpoint_interval", "2")
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "checkpoint_latest.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["trainer"]["iteration"] == 2 and len(saved["epoch_seed"]["rng_by_rank"]) == 2
+    resumed, _ = _torchrun_training(tmp_path / "run", SAVE_EACH_RANK, 4, "--checkpoint_interval", "2", "--resume_from", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "without the random generators' state" not in resumed.stdout + resumed.stderr
+    expected, got = (torch.load(out / "rank1.pt", weights_only=False) for out in (full, run))
+    assert got["iteration"] == expected["iteration"] == 4
+    different = [k for k, v in expected["state"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, got["state"][k])]
+    assert not different, f"the resumed run's weights differ from the uninterrupted run's: {different[:5]}"
+
+
 def test_torchrun_non_finite_loss_on_one_rank_stops_both(tmp_path):
     """NaN pixels reach rank 1's tiles at iteration 2: both ranks stop at iteration 2 (rank 1
     names its loss, rank 0 says another rank's was not finite; without the all-reduced check

@@ -404,8 +404,10 @@ class EpochSeedHandler:
     global generators' state when the checkpoint is written, and a run resumed from a checkpoint
     written after iteration ``k`` of an epoch reseeds at the epoch's start as usual (so its data
     loader gets the same worker seeds; :class:`BatchSamplerEpochHandler` replays the data), then
-    restores that state before its first iteration. Under DDP the checkpoint holds rank 0's state,
-    which only rank 0 restores.
+    restores that state before its first iteration. Under DDP (a process group of several ranks) the
+    ranks' states are gathered after every iteration, so the checkpoint that rank 0 writes holds each
+    rank's (``rng_by_rank``) and each rank restores its own; resumed with another number of ranks, only
+    rank 0 restores its state (with a warning).
 
     Args:
         seed: the run's seed; None turns the handler off (a run that is not reproducible).
@@ -417,10 +419,13 @@ class EpochSeedHandler:
         self.seed, self.dataset, self.rank = (None if seed is None else int(seed)), dataset, int(rank)
         self._loaded: dict | None = None
         self._restore: dict | None = None
+        self._rank_states: list | None = None  # under DDP: every rank's generators after the latest iteration
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         engine.add_event_handler(Events.ITERATION_STARTED, self._restore_mid_epoch)
+        if _world_size() > 1:  # before the checkpoint saver, which is attached later (attach_checkpoint_saver)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._gather)
 
     def __call__(self, engine: Engine) -> None:
         loaded, self._loaded = self._loaded, None
@@ -430,11 +435,12 @@ class EpochSeedHandler:
         set_determinism(seed=seed)
         if self.dataset is not None:
             set_rnd(self.dataset, seed)
-        if done_in_epoch(engine) and self.rank == 0:
+        if done_in_epoch(engine):
             if loaded is None:
                 logging.getLogger(__name__).warning(
                     f"Resuming after iteration {done_in_epoch(engine)} of epoch {engine.state.epoch} from a checkpoint without the "
-                    "random generators' state: the rest of the epoch draws other equivariance transforms than the uninterrupted run."
+                    f"random generators' state{'' if self.rank == 0 else f' of rank {self.rank}'}: the rest of the epoch draws other "
+                    "equivariance transforms than the uninterrupted run."
                 )
             self._restore = loaded
 
@@ -443,11 +449,29 @@ class EpochSeedHandler:
             set_global_rng_state(self._restore)
             self._restore = None
 
+    def _gather(self, engine: Engine) -> None:
+        states: list = [None] * _world_size()
+        torch.distributed.all_gather_object(states, global_rng_state())
+        self._rank_states = states
+
     def state_dict(self) -> dict:
-        return {"rng": global_rng_state()}
+        state = {"rng": global_rng_state()}
+        if self._rank_states is not None:
+            state["rng_by_rank"] = self._rank_states
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._loaded = state_dict["rng"]
+        by_rank = state_dict.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == _world_size():
+            self._loaded = by_rank[self.rank]
+        else:  # a single-process checkpoint, or another number of ranks: rank 0's state is rank 0's
+            self._loaded = state_dict["rng"] if self.rank == 0 else None
+
+
+def _world_size() -> int:
+    """The number of ranks of the default process group, 1 without one."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class EvaluatorState:
