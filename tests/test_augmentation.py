@@ -117,3 +117,34 @@ def _apply(transforms, item: dict, seed: int) -> list[dict]:
         outputs = [t(s) for s in samples]
         samples = [o for out in outputs for o in (out if isinstance(out, list) else [out])]
     return samples
+
+
+def test_pale_paste_research_transform_adds_labelled_copies_where_it_changes_the_image():
+    """scripts/research/pale_paste.py: the pasted copies are foreground of weight 1 where the image
+    changed; the crop's own instances keep their pixels elsewhere; a bad opacity is refused; its override
+    file puts it right after selftrain.json's crop."""
+    from scripts.research.pale_paste import RandPastePaleNucleid
+
+    from scipy import ndimage
+
+    rgb = _real_rgb()
+    blobs, _ = ndimage.label(ndimage.binary_opening(_dark_mask(rgb).numpy() > 0, iterations=2))
+    foreground = np.isin(blobs, np.flatnonzero(np.bincount(blobs.ravel()) >= 50)[1:]).astype(np.float32)  # nucleus-sized dark blobs
+    assert foreground.any()
+    target = np.stack([foreground, np.ones_like(foreground)]).astype(np.float32)
+    for number in (1, 6):  # later copies may carve a 1-px gap into earlier ones: foreground checked with one
+        paste = RandPastePaleNucleid(["image", "label"], number=number, opacity=(0.5, 0.5), touching=1.0)
+        paste.set_random_state(0)
+        out = paste({"image": torch.from_numpy(rgb.copy()), "label": torch.from_numpy(target.copy())})
+        changed, label = np.any(out["image"].numpy() != rgb, axis=0), out["label"].numpy()
+        assert changed.sum() > 50 * number and np.all(label[1][changed] == 1)
+        assert number > 1 or np.all(label[0][changed] == 1)
+        untouched = ~ndimage.binary_dilation(changed)
+        assert np.array_equal(label[0][untouched], foreground[untouched])
+    with pytest.raises(ValueError, match="opacity"):
+        RandPastePaleNucleid(["image", "label"], opacity=(0.0, 1.0))
+    parser = ConfigParser()
+    parser.read_config([*CONFIGS, str(REPO / "scripts/research/pale_paste.json")])
+    parser["bundle_root"] = str(REPO / "bundle")
+    names = [type(t).__name__ for t in parser.get_parsed_content("selftrain#preprocessing").transforms]
+    assert names[names.index("RandSpatialCropSamplesd") + 1] == "RandPastePaleNucleid"

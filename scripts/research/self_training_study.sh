@@ -11,6 +11,7 @@
 # NO_LEARNING=path/model.pt also evaluates that no_learning model (F left at its initialisation,
 # bundle/configs/ablations/no_learning.json, post-processing tuned) on the training split's labels.
 # TUNE=false keeps the post-processing the student took from its teacher.
+# EXTRA_CONFIG=FILE layers an override file on selftrain.json for every run (e.g. scripts/research/pale_paste.json).
 set -euo pipefail
 case ${1:-} in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 DATA=${1:?usage: scripts/research/self_training_study.sh DATASET_DIR [OVERRIDE...]}; shift
@@ -26,7 +27,7 @@ TUNE=${TUNE:-true}
 for s in $SEEDS; do
   run=$RUNS/student_s$s
   /usr/bin/time -f "student_s$s self-training: %e s wall" \
-    $PY -m monai.bundle run selftraining --config_file "['$C/train.json','$C/distill.json','$C/selftrain.json']" \
+    $PY -m monai.bundle run selftraining --config_file "['$C/train.json','$C/distill.json','$C/selftrain.json'${EXTRA_CONFIG:+,'$EXTRA_CONFIG'}]" \
       --dataset_dir "$DATA" --download false --seed "$s" --output_dir "$run" --pseudo_cache_dir "$PSEUDO_CACHE" "$@"
   if [ "$TUNE" = true ]; then
     $PY scripts/tune_postprocess.py --dataset_dir "$DATA" --checkpoint "$run/model.pt" --write_model --r 1 \
