@@ -424,7 +424,7 @@ class EpochSeedHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         engine.add_event_handler(Events.ITERATION_STARTED, self._restore_mid_epoch)
-        if _world_size() > 1:  # before the checkpoint saver, which is attached later (attach_checkpoint_saver)
+        if self.seed is not None and _world_size() > 1:  # before the checkpoint saver, attached later (attach_checkpoint_saver)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._gather)
 
     def __call__(self, engine: Engine) -> None:
