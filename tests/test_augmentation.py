@@ -123,9 +123,9 @@ def test_pale_paste_research_transform_adds_labelled_copies_where_it_changes_the
     """scripts/research/pale_paste.py: the pasted copies are foreground of weight 1 where the image
     changed; the crop's own instances keep their pixels elsewhere; a bad opacity is refused; its override
     file puts it right after selftrain.json's crop."""
-    from scripts.research.pale_paste import RandPastePaleNucleid
-
     from scipy import ndimage
+
+    from scripts.research.pale_paste import RandPastePaleNucleid
 
     rgb = _real_rgb()
     blobs, _ = ndimage.label(ndimage.binary_opening(_dark_mask(rgb).numpy() > 0, iterations=2))

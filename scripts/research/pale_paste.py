@@ -1,10 +1,10 @@
 """Can pasted pale nuclei teach the self-trained student the pale nuclei its teacher misses? (issue 29)
 
 The nuclei the shipped model misses on the validation images are pale (docs/self_training.md), and
-the pseudo-instances never show them, because the teacher misses them too. This transform pastes copies of a crop's own confident
-pseudo-instances blended into the crop at a random opacity, so that the student sees faint nuclei of
-the right shape labelled as nuclei. ``pale_paste.json`` inserts it after the crop of
-``selftrain.json``'s augmentation:
+the pseudo-instances never show them, because the teacher misses them too. This transform pastes
+copies of a crop's own confident pseudo-instances blended into the crop at a random opacity, so that
+the student sees faint nuclei of the right shape labelled as nuclei. ``pale_paste.json`` inserts it
+after the crop of ``selftrain.json``'s augmentation:
 
     EXTRA_CONFIG=scripts/research/pale_paste.json TUNE=false RUNS=bundle/runs/pale_paste \\
         scripts/research/self_training_study.sh ../shared/data/monuseg
