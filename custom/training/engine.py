@@ -13,7 +13,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ['NonFiniteTrainingError', 'ScaleAttentionIteration']
+__all__ = ['NonFiniteTrainingError', 'ScaleAttentionIteration', 'world_size']
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -91,17 +91,21 @@ class ScaleAttentionIteration:
         return engine.state.output
 
 
+def world_size() -> int:
+    """The number of ranks of the default process group, 1 without one."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _on_every_rank(flag: bool, device: torch.device) -> bool:
     """``flag`` AND-ed over the ranks of an initialised process group (a one-element all-reduce);
     ``flag`` itself without one. Under DistributedDataParallel a rank that stopped alone leaves
     the others in the gradient all-reduce: with Gloo they fail with "Connection closed by peer",
     with NCCL they wait for the collective timeout; either way the cause is not in their logs."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item() > 0)
 
 

@@ -20,6 +20,7 @@ from monai.utils import set_determinism
 from custom.atomic_write import write_atomic
 from custom.command_line import flag
 from custom.model.checkpoint import save_attention_network
+from custom.training.engine import NonFiniteTrainingError, world_size
 from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ['AttentionMapTensorBoardHandler', 'BatchSamplerEpochHandler', 'at_epoch_end', 'EpochSeedHandler', 'EvaluatorState', 'ExportAttentionNetwork',
@@ -334,18 +335,14 @@ class NonFiniteStopBarrier:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
 
     def __call__(self, engine: Engine, e: BaseException) -> None:
-        import torch.distributed as dist
-
-        from custom.training.engine import NonFiniteTrainingError
-
         raised = e
         try:
             for callback in self._callbacks:
                 callback(engine, e)
         except BaseException as first:  # noqa: BLE001 - re-raised below, after the barrier
             raised = first
-        if isinstance(e, NonFiniteTrainingError) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+        if isinstance(e, NonFiniteTrainingError) and world_size() > 1:
+            torch.distributed.barrier()
         raise raised
 
 
@@ -424,7 +421,7 @@ class EpochSeedHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
         engine.add_event_handler(Events.ITERATION_STARTED, self._restore_mid_epoch)
-        if self.seed is not None and _world_size() > 1:  # before the checkpoint saver, attached later (attach_checkpoint_saver)
+        if self.seed is not None and world_size() > 1:  # before the checkpoint saver, attached later (attach_checkpoint_saver)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._gather)
 
     def __call__(self, engine: Engine) -> None:
@@ -450,7 +447,7 @@ class EpochSeedHandler:
             self._restore = None
 
     def _gather(self, engine: Engine) -> None:
-        states: list = [None] * _world_size()
+        states: list = [None] * world_size()
         torch.distributed.all_gather_object(states, global_rng_state())
         self._rank_states = states
 
@@ -462,16 +459,10 @@ class EpochSeedHandler:
 
     def load_state_dict(self, state_dict: dict) -> None:
         by_rank = state_dict.get("rng_by_rank")
-        if by_rank is not None and len(by_rank) == _world_size():
+        if by_rank is not None and len(by_rank) == world_size():
             self._loaded = by_rank[self.rank]
         else:  # a single-process checkpoint, or another number of ranks: rank 0's state is rank 0's
             self._loaded = state_dict["rng"] if self.rank == 0 else None
-
-
-def _world_size() -> int:
-    """The number of ranks of the default process group, 1 without one."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class EvaluatorState:
