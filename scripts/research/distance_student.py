@@ -70,31 +70,43 @@ def nucleus_bank(image: np.ndarray, instances: np.ndarray) -> list[tuple[np.ndar
     return [(image[(slice(None), *box)], instances[box] == k) for k, box in enumerate(ndimage.find_objects(instances), 1) if box is not None]
 
 
+def beside(anchor: np.ndarray, mask: np.ndarray, factor: float, angle: float) -> np.ndarray:
+    """The ``(y, x)`` centre at which ``mask`` lies against the instance ``anchor`` (a boolean map of the crop):
+    ``factor`` times the sum of their equivalent radii from the anchor's centroid, in the direction ``angle``."""
+    reach = (np.sqrt(anchor.sum() / np.pi) + np.sqrt(mask.sum() / np.pi)) * factor
+    return np.argwhere(anchor).mean(0) + reach * np.array([np.sin(angle), np.cos(angle)])
+
+
+def placement(size: tuple[int, int], shape: tuple[int, int], centre) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where a patch of ``shape`` centred at ``centre`` lies in a crop of ``size``, clipped to it: (the crop's
+    slices, the patch's slices), or None when it falls outside the crop."""
+    y0, x0 = (int(round(c - m / 2)) for c, m in zip(centre, shape))
+    ys, xs = slice(max(y0, 0), min(y0 + shape[0], size[0])), slice(max(x0, 0), min(x0 + shape[1], size[1]))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+        return None
+    return (ys, xs), (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+
+
 def paste_touching(image: np.ndarray, instances: np.ndarray, weight: np.ndarray, bank, n: int, rng) -> None:
     """Paste ``n`` nuclei of ``bank`` (rotated by a random multiple of 90 degrees) in place, each against a nucleus of the crop, so that
     they touch or overlap it: pseudo-instances with a known boundary between touching nuclei."""
-    size = instances.shape
     for _ in range(n):
         pixels, mask = bank[rng.integers(len(bank))]
         k = int(rng.integers(4))
         pixels, mask = np.rot90(pixels, k, (1, 2)), np.rot90(mask, k)
         ids = np.unique(instances[instances > 0])
         if len(ids):
-            anchor = instances == rng.choice(ids)
-            centre = np.argwhere(anchor).mean(0)
-            reach = (np.sqrt(anchor.sum() / np.pi) + np.sqrt(mask.sum() / np.pi)) * rng.uniform(0.7, 1.0)
-            angle = rng.uniform(0, 2 * np.pi)
-            centre = centre + reach * np.array([np.sin(angle), np.cos(angle)])
+            centre = beside(instances == rng.choice(ids), mask, rng.uniform(0.7, 1.0), rng.uniform(0, 2 * np.pi))
         else:
-            centre = rng.uniform(0, size)
-        y0, x0 = (int(round(c - m / 2)) for c, m in zip(centre, mask.shape))
-        ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], size[0])), slice(max(x0, 0), min(x0 + mask.shape[1], size[1]))
-        if ys.start >= ys.stop or xs.start >= xs.stop:
+            centre = rng.uniform(0, instances.shape)
+        where = placement(instances.shape, mask.shape, centre)
+        if where is None:
             continue
-        m = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
-        image[:, ys, xs][:, m] = pixels[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0][:, m]
-        instances[ys, xs][m] = instances.max() + 1
-        weight[ys, xs][m] = 1.0
+        crop, patch = where
+        m = mask[patch]
+        image[(slice(None), *crop)][:, m] = pixels[(slice(None), *patch)][:, m]
+        instances[crop][m] = instances.max() + 1
+        weight[crop][m] = 1.0
 
 
 def train(data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seed: int, iterations: int, paste: int = 0, crop: int = 256,

@@ -22,6 +22,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from scipy import ndimage
 
+from scripts.research.distance_student import beside, placement
+
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
@@ -69,23 +71,19 @@ class RandPastePaleNucleid(RandomizableTransform, MapTransform):
         pixels, mask = bank[self.R.randint(len(bank))]
         k = self.R.randint(4)
         pixels, mask = np.rot90(pixels, k, (1, 2)), np.rot90(mask, k)
-        height, width = instances.shape
         ids = np.unique(instances[instances > 0])
         if len(ids) and self.R.rand() < self.touching:
-            anchor = instances == self.R.choice(ids)
-            reach = (np.sqrt(anchor.sum() / np.pi) + np.sqrt(mask.sum() / np.pi)) * self.R.uniform(0.8, 1.05)
-            angle = self.R.uniform(0, 2 * np.pi)
-            centre = np.argwhere(anchor).mean(0) + reach * np.array([np.sin(angle), np.cos(angle)])
+            centre = beside(instances == self.R.choice(ids), mask, self.R.uniform(0.8, 1.05), self.R.uniform(0, 2 * np.pi))
         else:
-            centre = self.R.uniform(0, 1, 2) * (height, width)
-        y0, x0 = (int(round(c - m / 2)) for c, m in zip(centre, mask.shape))
-        ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], height)), slice(max(x0, 0), min(x0 + mask.shape[1], width))
-        if ys.start >= ys.stop or xs.start >= xs.stop:
+            centre = self.R.uniform(0, 1, 2) * instances.shape
+        where = placement(instances.shape, mask.shape, centre)
+        if where is None:
             return
-        placed = np.zeros((height, width), bool)
-        placed[ys, xs] = mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        crop, patch = where
+        placed = np.zeros(instances.shape, bool)
+        placed[crop] = mask[patch]
         source = np.zeros_like(x)
-        source[:, ys, xs] = pixels[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        source[(slice(None), *crop)] = pixels[(slice(None), *patch)]
         alpha = self.R.uniform(*self.opacity)
         x[:, placed] = alpha * source[:, placed] + (1 - alpha) * x[:, placed]
         gap = ndimage.binary_dilation(placed, _CROSS) & ~placed & (instances > 0)
