@@ -1,6 +1,6 @@
 """Would a second output, a distance map learned from the pseudo-instances, split nuclei better? (issue 29)
 
-    python -m scripts.research.distance_student --dataset_dir ../shared/data/monuseg [--seeds "[0, 1, 2]"] [--paste 6]
+    python -m scripts.research.distance_student --dataset_dir ../shared/data/monuseg [--seeds "[0, 1, 2]"] [--paste 6] [--stride 2]
 
 The shipped model's foreground (its attention, its stored threshold steps and hole filling) is kept;
 only the landscape of the watershed that splits it into nuclei changes. Rows, AJI on the validation
@@ -13,7 +13,7 @@ labels and on the training split's labels (mean per image):
   mean of that and the mask's distance transform.
 
 The distance student is a ``CompactAttentionNet`` body (``stain_prior`` "none": the shipped student's
-U-Net at 1/4 resolution) with a sigmoid output, trained with a smooth L1 loss to predict
+U-Net at 1/4 resolution; ``--stride 2`` at 1/2) with a sigmoid output, trained with a smooth L1 loss to predict
 ``min(d, 12) / 12``, ``d`` the distance of a pixel to the outline of its pseudo-instance (0 on
 background), on the weight-1 pixels of the pseudo-instance targets of ``selftrain.json`` (stage 1's
 confident instances on the training images; no label is read in training). Crops of 256 px with
@@ -110,13 +110,14 @@ def paste_touching(image: np.ndarray, instances: np.ndarray, weight: np.ndarray,
 
 
 def train(data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seed: int, iterations: int, paste: int = 0, crop: int = 256,
-          batch: int = 8) -> torch.nn.Module:
-    """The distance student, trained on ``data`` (see the module docstring); ``paste`` nuclei pasted per crop."""
+          batch: int = 8, stride: int = 4) -> torch.nn.Module:
+    """The distance student, trained on ``data`` (see the module docstring); ``paste`` nuclei pasted per crop;
+    ``stride`` its pixel-unshuffle factor (4: the shipped student's 1/4 resolution)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     banks = [nucleus_bank(image, instances) for image, instances, _ in data]
     distances = [np.minimum(_own_distance(instances, outline_on_background=False), CLIP) / CLIP for _, instances, _ in data]
-    net = CompactAttentionNet(stain_prior="none")
+    net = CompactAttentionNet(stain_prior="none", stride=stride)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
     start = time.time()
@@ -208,10 +209,11 @@ def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) ->
 
 
 def main(dataset_dir: str, seeds=(0, 1, 2), iterations: int = 2000, paste: int = 0,
-         pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache") -> None:
-    """Train a distance student per seed (``paste``: nuclei pasted per crop) and print the AJI table (markdown)."""
+         pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache", stride: int = 4, crop: int = 256) -> None:
+    """Train a distance student per seed (``paste``: nuclei pasted per crop; ``stride``: its resolution, 4 the
+    shipped student's 1/4; ``crop``: the training crops' size) and print the AJI table (markdown)."""
     data = pseudo_targets(dataset_dir, pseudo_cache_dir)
-    students = {f"s{s}": train(data, int(s), iterations, paste) for s in seeds}
+    students = {f"s{s}": train(data, int(s), iterations, paste, crop=int(crop), stride=int(stride)) for s in seeds}
     tables = {split: score(dataset_dir, split, students) for split in ("val", "train")}
     print("| landscape | val AJI | training-split AJI |\n| --- | --- | --- |")
     for k in tables["val"]:
