@@ -1,6 +1,7 @@
 """Would a second output, a distance map learned from the pseudo-instances, split nuclei better? (issue 29)
 
     python -m scripts.research.distance_student --dataset_dir ../shared/data/monuseg [--seeds "[0, 1, 2]"] [--paste 6] [--stride 2]
+        [--rounds 2] [--save_dir DIR]
 
 The shipped model's foreground (its attention, its stored threshold steps and hole filling) is kept;
 only the landscape of the watershed that splits it into nuclei changes. Rows, AJI on the validation
@@ -19,13 +20,17 @@ background), on the weight-1 pixels of the pseudo-instance targets of ``selftrai
 confident instances on the training images; no label is read in training). Crops of 256 px with
 dihedral flips and a per-channel gain and offset. With ``--paste N`` each crop also gets N of the
 image's own pseudo-instances pasted against its nuclei (:func:`paste_touching`): touching nuclei whose
-boundary is known. ``h`` is chosen on the validation labels; the training split's labels score the
-choice. docs/self_training.md has the figures.
+boundary is known. With ``--rounds 2`` the student is the next teacher: its ``mixed`` split (h = 1) of the
+shipped foreground on the training images, filtered by ``selftrain.json``'s area and solidity bounds
+(rejected instances and the teacher's uncertain background ignored), makes the targets of a second
+student of the same seed (:func:`student_targets`; no label read). ``h`` is chosen on the validation
+labels; the training split's labels score the choice. docs/self_training.md has the figures.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import fire
 import numpy as np
@@ -34,7 +39,8 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from scipy import ndimage
-from skimage.morphology import h_maxima
+from skimage.measure import regionprops
+from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 
 from custom.evaluation.metrics import aji
@@ -47,12 +53,17 @@ CLIP = 12.0  # px: the distance target saturates there (a nucleus's radius at 40
 HEIGHTS = (1.0, 2.0)
 
 
-def pseudo_targets(dataset_dir: str, pseudo_cache_dir: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(image ImageNet-normalised ``(3, H, W)``, pseudo-instances ``(H, W)`` int32, weight ``(H, W)``) for each
-    training image, from ``selftrain.json``'s targets of stage 1 (cached in ``pseudo_cache_dir``)."""
+def _selftrain_parser(dataset_dir: str, pseudo_cache_dir: str | None) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(["bundle/configs/train.json", "bundle/configs/distill.json", "bundle/configs/selftrain.json"])
     parser.update({"bundle_root": "bundle", "dataset_dir": dataset_dir, "download": False, "pseudo_cache_dir": pseudo_cache_dir})
+    return parser
+
+
+def pseudo_targets(dataset_dir: str, pseudo_cache_dir: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(image ImageNet-normalised ``(3, H, W)``, pseudo-instances ``(H, W)`` int32, weight ``(H, W)``) for each
+    training image, from ``selftrain.json``'s targets of stage 1 (cached in ``pseudo_cache_dir``)."""
+    parser = _selftrain_parser(dataset_dir, pseudo_cache_dir)
     images = parser.get_parsed_content("selftrain#images")
     steps = Compose([parser.get_parsed_content(k) for k in ("tile_to_float", "stain_normalisation", "selftrain#teacher_input",
                                                               "selftrain#teacher_normalisation", "selftrain#pseudo_labels")])
@@ -62,6 +73,54 @@ def pseudo_targets(dataset_dir: str, pseudo_cache_dir: str | None) -> list[tuple
         target = np.asarray(d["label"], np.float32)
         instances = ndimage.label(target[0] > 0)[0].astype(np.int32)  # the kept instances, apart by their carved gaps
         out.append((np.asarray(d["teacher_image"], np.float32), instances, target[1].astype(np.float32)))
+    return out
+
+
+def _shipped(parser: ConfigParser):
+    """The shipped model, its inferer and stored post-processing, from an evaluation config."""
+    model = parser.get_parsed_content("eval#network").eval()
+    return model, parser.get_parsed_content("eval#inferer"), PostprocessParams.from_stored(model.postprocess)
+
+
+def _foreground(x: torch.Tensor, model, inferer, p: PostprocessParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shipped model's mask, its hole-filled foreground and the smoothed distance transform of that."""
+    with torch.no_grad():
+        attention = np.asarray(inferer(x, model)[0, 0], np.float32)
+    mask = attention_foreground(attention, p)[0]
+    fg = fill_small_holes(mask, p.fill_holes) if p.fill_holes else mask
+    return mask, fg, ndimage.gaussian_filter(ndimage.distance_transform_edt(fg), 1.0)
+
+
+def _learned(x: torch.Tensor, net: torch.nn.Module) -> np.ndarray:
+    with torch.no_grad():
+        return ndimage.gaussian_filter(torch.sigmoid(net.logits(x))[0, 0].numpy() * CLIP, 1.0)
+
+
+def student_targets(dataset_dir: str, data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], net: torch.nn.Module,
+                    pseudo_cache_dir: str | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The next round's targets for ``data``'s images: the shipped foreground split by the mean of ``net``'s distance and
+    the mask's (h = 1); an instance is kept when its area and solidity are within ``selftrain.json``'s bounds. Weight 0 on
+    the rejected instances (dilated as there) and where ``data``'s weight ignored the background; no label is read."""
+    parser = _selftrain_parser(dataset_dir, pseudo_cache_dir)
+    low, high, solid, dilation = (parser.get_parsed_content(k) for k in ("pseudo_min_area", "pseudo_max_area", "pseudo_min_solidity",
+                                                                            "pseudo_ignore_dilation"))
+    model, inferer, p = _shipped(_evaluation(dataset_dir, "train"))
+    out, kept, total = [], 0, 0
+    for image, _, weight in data:
+        x = torch.from_numpy(image)[None]
+        _, fg, edt = _foreground(x, model, inferer, p)
+        labels = _split(0.5 * (_learned(x, net) + edt), fg, 1.0, p.min_size)
+        good = np.zeros(labels.max() + 1, bool)
+        for r in regionprops(labels):
+            good[r.label] = low <= r.area <= high and r.solidity >= solid
+        good[0] = False
+        rejected = (labels > 0) & ~good[labels]
+        w = np.where((weight == 0) & ~fg, 0.0, 1.0).astype(np.float32)
+        w[ndimage.binary_dilation(rejected, disk(int(dilation)).astype(bool))] = 0.0
+        instances = np.where(good[labels], labels, 0)
+        out.append((image, _relabel_sequential(instances), w))
+        kept, total = kept + int(good.sum()), total + int(labels.max())
+    print(f"next round's targets: {kept} of {total} instances kept", flush=True)
     return out
 
 
@@ -180,26 +239,19 @@ def _own_distance(labels: np.ndarray, outline_on_background: bool = True) -> np.
 def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) -> dict[str, float]:
     """Mean AJI per row (see the module docstring) on ``split``'s labels."""
     parser = _evaluation(dataset_dir, split)
-    model = parser.get_parsed_content("eval#network").eval()
-    inferer, dataset = parser.get_parsed_content("eval#inferer"), parser.get_parsed_content("eval#dataset")
-    p = PostprocessParams.from_stored(model.postprocess)
+    (model, inferer, p), dataset = _shipped(parser), parser.get_parsed_content("eval#dataset")
     rows: dict[str, list[float]] = {}
     for i in range(len(dataset)):
         item = dataset[i]
         x = torch.as_tensor(item["image"])[None]
         gt = np.asarray(item["label"])[0].astype(np.int64)
-        with torch.no_grad():
-            attention = np.asarray(inferer(x, model)[0, 0], np.float32)
-        mask = attention_foreground(attention, p)[0]
-        fg = fill_small_holes(mask, p.fill_holes) if p.fill_holes else mask
-        edt = ndimage.gaussian_filter(ndimage.distance_transform_edt(fg), 1.0)
+        mask, fg, edt = _foreground(x, model, inferer, p)
         found = {"shipped": foreground_to_instances(mask, p)}
         bound = ndimage.gaussian_filter(_own_distance(gt), 1.0)
         for h in HEIGHTS:
             found[f"bound h={h:g}"] = _split(bound, fg, h, p.min_size)
         for name, net in students.items():
-            with torch.no_grad():
-                learned = ndimage.gaussian_filter(torch.sigmoid(net.logits(x))[0, 0].numpy() * CLIP, 1.0)
+            learned = _learned(x, net)
             for h in HEIGHTS:
                 found[f"learned {name} h={h:g}"] = _split(learned, fg, h, p.min_size)
                 found[f"mixed {name} h={h:g}"] = _split(0.5 * (learned + edt), fg, h, p.min_size)
@@ -209,11 +261,24 @@ def score(dataset_dir: str, split: str, students: dict[str, torch.nn.Module]) ->
 
 
 def main(dataset_dir: str, seeds=(0, 1, 2), iterations: int = 2000, paste: int = 0,
-         pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache", stride: int = 4, crop: int = 256) -> None:
+         pseudo_cache_dir: str | None = "bundle/runs/pseudo_cache", stride: int = 4, crop: int = 256, rounds: int = 1,
+         save_dir: str | None = None) -> None:
     """Train a distance student per seed (``paste``: nuclei pasted per crop; ``stride``: its resolution, 4 the
-    shipped student's 1/4; ``crop``: the training crops' size) and print the AJI table (markdown)."""
+    shipped student's 1/4; ``crop``: the training crops' size; ``rounds``: each round's student makes the next
+    one's targets; ``save_dir``: where each student's weights go) and print the AJI table (markdown)."""
     data = pseudo_targets(dataset_dir, pseudo_cache_dir)
-    students = {f"s{s}": train(data, int(s), iterations, paste, crop=int(crop), stride=int(stride)) for s in seeds}
+    students = {}
+    for s in seeds:
+        targets = data
+        for r in range(1, int(rounds) + 1):
+            if r > 1:
+                targets = student_targets(dataset_dir, data, net, pseudo_cache_dir)
+            net = train(targets, int(s), iterations, paste, crop=int(crop), stride=int(stride))
+            name = f"s{s}" + (f" round {r}" if int(rounds) > 1 else "")
+            students[name] = net
+            if save_dir:
+                Path(save_dir).mkdir(parents=True, exist_ok=True)
+                torch.save(net.state_dict(), Path(save_dir) / f"{name.replace(' ', '_')}.pt")
     tables = {split: score(dataset_dir, split, students) for split in ("val", "train")}
     print("| landscape | val AJI | training-split AJI |\n| --- | --- | --- |")
     for k in tables["val"]:
