@@ -266,6 +266,8 @@ def main(dataset_dir: str, seeds=(0, 1, 2), iterations: int = 2000, paste: int =
     """Train a distance student per seed (``paste``: nuclei pasted per crop; ``stride``: its resolution, 4 the
     shipped student's 1/4; ``crop``: the training crops' size; ``rounds``: each round's student makes the next
     one's targets; ``save_dir``: where each student's weights go) and print the AJI table (markdown)."""
+    if int(rounds) < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
     data = pseudo_targets(dataset_dir, pseudo_cache_dir)
     students = {}
     for s in seeds:
