@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 from scipy import ndimage
-from skimage.measure import regionprops
 from skimage.morphology import disk, h_maxima
 from skimage.segmentation import watershed
 
@@ -47,6 +46,7 @@ from custom.evaluation.metrics import aji
 from custom.inference.postprocess import (PostprocessParams, _relabel_sequential, attention_foreground, fill_small_holes,
                                           foreground_to_instances)
 from custom.model.networks import CompactAttentionNet
+from custom.training.pseudo_instances import instance_confidence
 from scripts.research.analysis_magnification import _evaluation
 
 CLIP = 12.0  # px: the distance target saturates there (a nucleus's radius at 40x is about 8-15 px)
@@ -110,10 +110,8 @@ def student_targets(dataset_dir: str, data: list[tuple[np.ndarray, np.ndarray, n
         x = torch.from_numpy(image)[None]
         _, fg, edt = _foreground(x, model, inferer, p)
         labels = _split(0.5 * (_learned(x, net) + edt), fg, 1.0, p.min_size)
-        good = np.zeros(labels.max() + 1, bool)
-        for r in regionprops(labels):
-            good[r.label] = low <= r.area <= high and r.solidity >= solid
-        good[0] = False
+        c = instance_confidence([labels], fg, 0.0)  # its area and solidity (the margin, of the mask, is not used)
+        good = np.concatenate([[False], (c["area"] >= low) & (c["area"] <= high) & (c["solidity"] >= solid)])
         rejected = (labels > 0) & ~good[labels]
         w = np.where((weight == 0) & ~fg, 0.0, 1.0).astype(np.float32)
         w[ndimage.binary_dilation(rejected, disk(int(dilation)).astype(bool))] = 0.0
